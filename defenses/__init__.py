@@ -1,0 +1,1 @@
+"""The built-in defenses, installed as ``patchbench.defenses`` and registered by entry point."""

@@ -1,0 +1,229 @@
+"""BagCert (Metzen & Yatsura, ICLR 2021): a BagNet-type network votes per cell and class.
+
+Each cell of the score map sees only a small input window (its receptive field), the vote is
+the Heaviside ``V = [s > 0]`` of its score, and a patch can only flip the cells whose window it
+meets. Training is end to end: Heaviside forward, sigmoid gradient backward, and a hinge on the
+tight certification margin for a randomly drawn patch (see ``BagCert.loss``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patchbench.defense import Defense, DefenseConfig
+from patchbench.footprints import Footprints, clipped_intervals
+from patchbench.patches import PatchShape
+
+Geometry = tuple[int, int, int]  # (kernel, stride, padding) of one layer on the main path
+
+
+@dataclass
+class BagCertConfig(DefenseConfig):
+    rf: int = 7  # receptive field in pixels; sets how many of the convolutions are 3x3
+    width: int = 64  # channels of every block
+    blocks_1x1: int = 1  # residual 1x1 blocks after the (rf - 1) / 2 blocks with a 3x3 conv
+    stride: int = 1  # 1 for small images; 8 gives ImageNet-scale BagNet-like maps
+    padding: int = 0  # zero padding of each 3x3 convolution (the footprints follow it)
+    temperature: float = 1.0  # sigmoid temperature of the straight-through gradient
+    margin: float = 0.5  # hinge margin M on the normalised tight margin
+    patch_min: int = 1  # training patch sides are drawn uniformly from [patch_min, patch_max]
+    patch_max: int = 10
+    reduction: str = "max"  # hinge on the worst rival class ("max") or on all rivals ("mean")
+    margin_weight: float = 1.0  # weight of the margin hinge
+    cell_weight: float = 0.0  # weight of a per-cell binary cross-entropy (cells may abstain)
+    lr: float = 1e-3
+
+
+class Heaviside(torch.autograd.Function):
+    """[s > 0] forward; the gradient of sigmoid(s / T) backward (straight-through)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(scores)
+        ctx.temperature = temperature
+        return (scores > 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (scores,) = ctx.saved_tensors
+        sig = torch.sigmoid(scores / ctx.temperature)
+        return grad * sig * (1 - sig) / ctx.temperature, None
+
+
+class Block(nn.Module):
+    """Residual block: k x k conv, 1 x 1 conv, skip cropped to the valid region."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int, padding: int) -> None:
+        super().__init__()
+        self.geometry: Geometry = (kernel, stride, padding)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel, stride, padding, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.crop = (kernel - 1) // 2 - padding
+        self.skip = (nn.Identity() if stride == 1 and in_ch == out_ch else
+                     nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                                   nn.BatchNorm2d(out_ch)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        c = self.crop
+        shortcut = x[:, :, c:x.shape[2] - c, c:x.shape[3] - c] if c > 0 else x
+        shortcut = self.skip(shortcut)
+        return F.relu(out + shortcut[:, :, :out.shape[2], :out.shape[3]])
+
+
+class BagNet(nn.Module):
+    """Score map (B, classes, h, w): one logit per class per cell, small receptive field."""
+
+    def __init__(self, in_ch: int, num_classes: int, rf: int, width: int, blocks_1x1: int,
+                 stride: int, padding: int) -> None:
+        super().__init__()
+        n3 = count_3x3(rf, stride)
+        strides = [1] * (n3 - halvings(stride)) + [2] * halvings(stride)
+        self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(*[
+            Block(width, width, 3 if i < n3 else 1, strides[i] if i < n3 else 1,
+                  padding if i < n3 else 0)
+            for i in range(n3 + blocks_1x1)])
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def geometry(self) -> list[Geometry]:
+        """Layers of the main path, in order, for receptive-field arithmetic."""
+        return [(1, 1, 0)] + [b.geometry for b in self.blocks] + [(1, 1, 0)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def halvings(stride: int) -> int:
+    """log2 of a power-of-two stride."""
+    n = stride.bit_length() - 1
+    if stride < 1 or 1 << n != stride:
+        raise ValueError(f"stride must be a power of two, got {stride}")
+    return n
+
+
+def count_3x3(rf: int, stride: int) -> int:
+    """How many 3x3 convolutions give receptive field ``rf`` when the last log2(stride) of
+    them have stride 2: rf = 2 * (n - m) + 2^(m + 1) - 1 for n convs and m halvings."""
+    m = halvings(stride)
+    smallest = (1 << (m + 1)) - 1
+    if rf < smallest or (rf - smallest) % 2:
+        raise ValueError(f"receptive field {rf} is not reachable at stride {stride}: "
+                         f"use an odd value of at least {smallest}")
+    return (rf - smallest) // 2 + m
+
+
+def receptive_field(geometry: list[Geometry]) -> tuple[int, int, int]:
+    """(rf, stride, padding) of the stack: output cell i covers input pixels
+    [i*stride - padding, i*stride - padding + rf - 1]."""
+    rf, jump, offset = 1, 1, 0
+    for kernel, stride, padding in geometry:
+        offset += padding * jump
+        rf += (kernel - 1) * jump
+        jump *= stride
+    return rf, jump, offset
+
+
+def map_size(geometry: list[Geometry], n: int) -> int:
+    for kernel, stride, padding in geometry:
+        n = (n + 2 * padding - kernel) // stride + 1
+    return n
+
+
+class BagCert(Defense):
+    name = "bagcert"
+    description = "BagNet votes clipped by a Heaviside, margin-trained (Metzen & Yatsura 2021)"
+    Config = BagCertConfig
+    config: BagCertConfig
+
+    def __init__(self, config: BagCertConfig | None = None, **params) -> None:
+        super().__init__(config, **params)
+        c = self.config
+        count_3x3(c.rf, c.stride)
+        if c.blocks_1x1 < 0:
+            raise ValueError(f"blocks_1x1 must be >= 0, got {c.blocks_1x1}")
+        if not 1 <= c.patch_min <= c.patch_max:
+            raise ValueError("need 1 <= patch_min <= patch_max")
+        if c.reduction not in ("max", "mean"):
+            raise ValueError(f"reduction must be 'max' or 'mean', got {c.reduction!r}")
+        self._geometry = BagNet(1, 1, c.rf, 1, c.blocks_1x1, c.stride, c.padding).geometry()
+
+    def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        c = self.config
+        return BagNet(in_shape[0], num_classes, c.rf, c.width, c.blocks_1x1, c.stride,
+                      c.padding)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.config.lr)
+
+    def votes(self, model: nn.Module, images: Tensor) -> Tensor:
+        return model(images) > 0
+
+    def footprints(self, patch: PatchShape, image_hw: tuple[int, int]) -> Footprints:
+        rf, stride, padding = receptive_field(self._geometry)
+        h, w = (map_size(self._geometry, n) for n in image_hw)
+        return Footprints(
+            map_hw=(h, w),
+            rows=clipped_intervals(image_hw[0], patch.height, rf, stride, padding, h),
+            cols=clipped_intervals(image_hw[1], patch.width, rf, stride, padding, w),
+            cyclic=False)
+
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Hinge on the tight margin of one random patch per image.
+
+        With straight-through votes v (B, C, h, w), N = h*w cells, a footprint R drawn by
+        drawing a patch side uniformly from [patch_min, patch_max] and a position uniformly:
+
+            m_c = ((n_y - a_y(R)) - (n_c - a_c(R)) - |R|) / N,    c != y
+            loss = mean_b  reduce_c  relu(M - m_c)
+
+        where n_c sums v over all cells, a_c over R, and reduce is max or mean over rivals.
+        m_c > 0 for every c is exactly the tight certificate for that footprint.
+        """
+        c = self.config
+        scores = model(images)
+        votes = Heaviside.apply(scores, c.temperature)
+        batch, n_classes, h, w = votes.shape
+        inside = self._random_footprint_mask(batch, (images.shape[2], images.shape[3]),
+                                             images.device)
+        outside_votes = (votes * (1 - inside)).sum(dim=(2, 3))  # n_c - a_c(R), (B, C)
+        size = inside.sum(dim=(1, 2, 3))  # |R|
+        own = outside_votes.gather(1, labels[:, None])
+        margins = (own - outside_votes - size[:, None]) / (h * w)
+        hinge = F.relu(c.margin - margins)
+        rivals = torch.ones_like(hinge, dtype=torch.bool).scatter_(1, labels[:, None], False)
+        if c.reduction == "max":
+            per_image = hinge.masked_fill(~rivals, float("-inf")).amax(dim=1)
+        else:
+            per_image = (hinge * rivals).sum(dim=1) / max(1, n_classes - 1)
+        loss = c.margin_weight * per_image.mean()
+        if c.cell_weight:
+            target = F.one_hot(labels, n_classes).to(scores.dtype)[:, :, None, None]
+            loss = loss + c.cell_weight * F.binary_cross_entropy_with_logits(
+                scores, target.expand_as(scores))
+        predictions = votes.detach().sum(dim=(2, 3)).argmax(dim=1)
+        return loss, predictions
+
+    def _random_footprint_mask(self, batch: int, image_hw: tuple[int, int],
+                               device: torch.device) -> Tensor:
+        """(B, 1, h, w) 0/1 mask of the footprint of one random patch per image."""
+        c = self.config
+        rf, stride, padding = receptive_field(self._geometry)
+        h, w = (map_size(self._geometry, n) for n in image_hw)
+        side = torch.randint(c.patch_min, min(c.patch_max, *image_hw) + 1, (batch,),
+                             device=device)
+        hits = []
+        for n_pixels, n_cells in ((image_hw[0], h), (image_hw[1], w)):
+            q = (torch.rand(batch, device=device) * (n_pixels - side + 1)).floor().long()
+            first_pixel = torch.arange(n_cells, device=device) * stride - padding
+            hits.append((first_pixel[None, :] <= (q + side - 1)[:, None])
+                        & ((first_pixel + rf - 1)[None, :] >= q[:, None]))
+        rows, cols = hits
+        return (rows[:, None, :, None] & cols[:, None, None, :]).float()

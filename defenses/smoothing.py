@@ -1,0 +1,248 @@
+"""(De)Randomized Smoothing (Levine & Feizi, NeurIPS 2020): block, column and row ablation.
+
+A base classifier only ever sees one ablation of the image: a band of ``s`` columns (or rows),
+or an ``s x s`` block, wrapping around the border, everything else blanked. Each ablation
+position is one cell of the vote map and votes for every class whose softmax reaches the
+threshold. A patch can only change the ablations whose kept pixels it meets, so its footprint
+is a cyclic interval of cells on each ablated axis (``footprints.cyclic_intervals``).
+
+Ablated pixels must be distinguishable from black ones, so the image is encoded as 2C
+channels: ``(x, 1 - x)`` where kept and ``(0, 0)`` where ablated (images are in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patchbench.defense import Defense, DefenseConfig
+from patchbench.footprints import Footprints, cyclic_intervals
+from patchbench.patches import PatchShape
+
+# Which axes each mode ablates: (rows, columns).
+ABLATED_AXES = {"column": (False, True), "row": (True, False), "block": (True, True)}
+SMALL_CNN = "small-cnn"
+# Most encoded images per forward pass in ``smoothed_votes`` (block smoothing needs H*W each).
+MAX_FORWARD = 4096
+# timm ResNets get a CIFAR-style stem on images up to this side.
+SMALL_IMAGE_SIDE = 64
+
+
+@dataclass
+class SmoothingConfig(DefenseConfig):
+    ablation_size: int = 4  # s: band width in pixels, or block side
+    threshold: float = 0.2  # theta: a class gets a cell's vote iff its softmax >= theta
+    base: str = SMALL_CNN  # base classifier: "small-cnn" or any timm model name
+    width: int = 32  # channels of the first small-CNN layer (doubled twice)
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+def vote_map_hw(mode: str, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """Vote-map size: one cell per ablation position, a singleton axis where nothing is ablated."""
+    rows, cols = ABLATED_AXES[mode]
+    return (image_hw[0] if rows else 1, image_hw[1] if cols else 1)
+
+
+def ablation_masks(mode: str, size: int, image_hw: tuple[int, int],
+                   positions: Tensor | None = None,
+                   device: torch.device | str | None = None) -> Tensor:
+    """Kept-pixel masks, bool (P, H, W), of the ablations at ``positions``.
+
+    Positions are flat vote-map cell indices (row-major, so block (i, j) is ``i * W + j``);
+    all of them, in vote-map order, by default. Ablation (i, j) keeps rows ``i .. i+s-1`` and
+    columns ``j .. j+s-1`` (mod H, W) of the axes ``mode`` ablates, and the whole other axis.
+    Built by broadcasting, so a chunk of positions costs no Python loop.
+    """
+    height, width = image_hw
+    map_h, map_w = vote_map_hw(mode, image_hw)
+    if positions is None:
+        positions = torch.arange(map_h * map_w, device=device)
+    rows_ablated, cols_ablated = ABLATED_AXES[mode]
+    row_band = size if rows_ablated else height
+    col_band = size if cols_ablated else width
+    rows = torch.arange(height, device=positions.device)
+    cols = torch.arange(width, device=positions.device)
+    keep_rows = (rows[None, :] - (positions // map_w)[:, None]) % height < row_band
+    keep_cols = (cols[None, :] - (positions % map_w)[:, None]) % width < col_band
+    return keep_rows[:, :, None] & keep_cols[:, None, :]
+
+
+def encode(images: Tensor, masks: Tensor) -> Tensor:
+    """(N, 2C, H, W) base-classifier input: ``(x, 1 - x)`` on kept pixels, ``(0, 0)`` elsewhere.
+
+    ``masks`` is (N, H, W) or (H, W), bool or 0/1, broadcast against ``images`` (N, C, H, W).
+    """
+    keep = masks.to(images.dtype).unsqueeze(-3)
+    return torch.cat([images * keep, (1 - images) * keep], dim=1)
+
+
+@torch.no_grad()
+def smoothed_votes(model: nn.Module, images: Tensor, mode: str, size: int, threshold: float,
+                   max_forward: int = MAX_FORWARD) -> Tensor:
+    """Vote map, bool (B, classes, h, w): softmax >= threshold for every ablation position.
+
+    All (image, position) pairs are flattened and sent through the model in chunks of at
+    most ``max_forward`` encoded images, so memory stays bounded even for block smoothing.
+    """
+    batch = images.shape[0]
+    image_hw = (images.shape[-2], images.shape[-1])
+    map_h, map_w = vote_map_hw(mode, image_hw)
+    n_positions = map_h * map_w
+    chunks = []
+    for lo in range(0, batch * n_positions, max_forward):
+        pairs = torch.arange(lo, min(lo + max_forward, batch * n_positions),
+                             device=images.device)
+        masks = ablation_masks(mode, size, image_hw, pairs % n_positions)
+        logits = model(encode(images[pairs // n_positions], masks))
+        chunks.append(logits.float().softmax(dim=1) >= threshold)
+    votes = torch.cat(chunks).view(batch, n_positions, -1)
+    return votes.transpose(1, 2).reshape(batch, -1, map_h, map_w)
+
+
+class SmallCNN(nn.Module):
+    """Base classifier sized for 28x28 inputs: cheap enough to run H*W ablations per image on
+    a CPU; global pooling makes it accept any input size."""
+
+    def __init__(self, in_ch: int, num_classes: int, width: int) -> None:
+        super().__init__()
+        chans = [in_ch, width, 2 * width, 4 * width]
+        layers: list[nn.Module] = []
+        for i, stride in enumerate((1, 2, 2)):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride, 1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(chans[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def build_base_classifier(base: str, in_shape: tuple[int, int, int], num_classes: int,
+                          width: int) -> nn.Module:
+    """A fresh base classifier taking the 2C-channel encoding of ``in_shape`` (C, H, W) images."""
+    in_ch = 2 * in_shape[0]
+    if base == SMALL_CNN:
+        return SmallCNN(in_ch, num_classes, width)
+    import timm  # slow to import; only timm bases need it
+
+    model = timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_ch)
+    if isinstance(model, timm.models.ResNet) and max(in_shape[1:]) <= SMALL_IMAGE_SIDE:
+        _small_image_stem(model)
+    return model
+
+
+def _small_image_stem(model: nn.Module) -> None:
+    """CIFAR-style ResNet stem (3x3 stride-1 conv, no max pool): the ImageNet stem would shrink
+    a 28-32 pixel image 4x before the first block."""
+    stem = model.conv1
+    if isinstance(stem, nn.Conv2d):
+        model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, 1, 1, bias=False)
+    else:  # deep stem ("c", "d", "t" variants): a stack whose first conv strides
+        stem[0].stride = (1, 1)
+    model.maxpool = nn.Identity()
+
+
+class Smoothing(Defense):
+    """Shared implementation; subclasses only pick the ablation ``mode``."""
+
+    mode: ClassVar[str] = ""
+    max_forward: int = MAX_FORWARD  # lower it on an instance for large images or base models
+    Config = SmoothingConfig
+    config: SmoothingConfig
+
+    def __init__(self, config: SmoothingConfig | None = None, **params) -> None:
+        super().__init__(config, **params)
+        if self.mode not in ABLATED_AXES:
+            raise TypeError(f"{type(self).__name__} sets no ablation mode; use a subclass")
+        c = self.config
+        if c.ablation_size < 1:
+            raise ValueError(f"ablation_size must be at least 1, got {c.ablation_size}")
+        if not 0 < c.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {c.threshold}")
+        if c.base != SMALL_CNN:
+            import timm
+
+            if not timm.is_model(c.base):
+                raise ValueError(f"base must be {SMALL_CNN!r} or a timm model name, "
+                                 f"got {c.base!r}")
+
+    def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+        return build_base_classifier(self.config.base, in_shape, num_classes, self.config.width)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        c = self.config
+        return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
+                               weight_decay=c.weight_decay)
+
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of the base classifier on one random ablation per image."""
+        image_hw = (images.shape[-2], images.shape[-1])
+        map_h, map_w = vote_map_hw(self.mode, image_hw)
+        positions = torch.randint(0, map_h * map_w, (images.shape[0],), device=images.device)
+        masks = ablation_masks(self.mode, self.config.ablation_size, image_hw, positions)
+        logits = model(encode(images, masks))
+        return F.cross_entropy(logits, labels), logits.detach().argmax(dim=1)
+
+    def votes(self, model: nn.Module, images: Tensor) -> Tensor:
+        c = self.config
+        return smoothed_votes(model, images, self.mode, c.ablation_size, c.threshold,
+                              self.max_forward)
+
+    def footprints(self, patch: PatchShape, image_hw: tuple[int, int]) -> Footprints:
+        rows_ablated, cols_ablated = ABLATED_AXES[self.mode]
+        s = self.config.ablation_size
+        return Footprints(
+            map_hw=vote_map_hw(self.mode, image_hw),
+            rows=cyclic_intervals(image_hw[0], patch.height, s) if rows_ablated else ((0, 1),),
+            cols=cyclic_intervals(image_hw[1], patch.width, s) if cols_ablated else ((0, 1),),
+            cyclic=True)
+
+
+class ColumnSmoothing(Smoothing):
+    name = "ds-column"
+    description = "votes of a base classifier on every band of s columns (Levine & Feizi 2020)"
+    mode = "column"
+
+
+class RowSmoothing(Smoothing):
+    name = "ds-row"
+    description = "votes of a base classifier on every band of s rows (Levine & Feizi 2020)"
+    mode = "row"
+
+
+class BlockSmoothing(Smoothing):
+    name = "ds-block"
+    description = "votes of a base classifier on every s x s block (Levine & Feizi 2020)"
+    mode = "block"
+
+
+class BaseClassifier(NamedTuple):
+    """What a smoothing checkpoint holds, for use outside the harness."""
+
+    model: nn.Module  # eval mode; takes ``encode(images, masks)``
+    ablation_size: int
+    threshold: float
+    mode: str  # "column", "row" or "block"
+
+
+def load_base_classifier(path: str | Path) -> BaseClassifier:
+    """Load the base classifier and its ablation settings from a smoothing checkpoint.
+
+    For reuse outside patchbench: ``ablation_masks(mode, ablation_size, (H, W))`` and
+    ``encode`` rebuild its inputs, and ``smoothed_votes`` its vote map.
+    """
+    from patchbench.checkpoint import load_checkpoint  # lazy: keeps this module standalone
+
+    checkpoint = load_checkpoint(path)
+    defense = checkpoint.defense
+    if not isinstance(defense, Smoothing):
+        raise TypeError(f"{path} holds a {defense.name!r} model, not a smoothing defense")
+    return BaseClassifier(checkpoint.model.eval(), defense.config.ablation_size,
+                          defense.config.threshold, defense.mode)

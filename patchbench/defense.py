@@ -1,0 +1,166 @@
+"""The Defense interface and the entry-point registry.
+
+A defense turns an image batch into a vote map (B, C, h, w) and tells which cells a patch can
+touch (its footprints); the certification core does the rest. Built-ins and third-party
+defenses register the same way, under the entry-point group ``patchbench.defenses``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from patchbench.certify import CONDITIONS, Certificate, certify_votes
+from patchbench.footprints import Footprints
+from patchbench.patches import PatchShape, check_fits
+
+ENTRY_POINT_GROUP = "patchbench.defenses"
+
+
+@dataclass
+class DefenseConfig:
+    """Base of every defense's parameters: a flat dataclass of numbers, strings and bools."""
+
+
+class Defense(abc.ABC):
+    """A certified patch defense. Subclasses set ``name``, ``description`` and ``Config``.
+
+    What the harness asks of a defense:
+
+    * ``build_model(in_shape, num_classes)``: a fresh ``nn.Module``;
+    * ``loss(model, images, labels)``: the training loss of one batch and the predictions
+      the training-time forward pass makes (for the running accuracy, at no extra cost);
+    * ``optimizer(model)``: the optimiser its published recipe uses;
+    * ``votes(model, images)``: the vote map, bool (B, C, h, w);
+    * ``footprints(patch, image_hw)``: the cells one patch shape can touch;
+    * ``num_parameters(model)``: what its size is reported as.
+
+    ``certify`` combines votes and footprints through the shared core; a defense whose
+    certificate is not a vote map overrides it (the one escape hatch).
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+
+    def __init__(self, config: DefenseConfig | None = None, **params: Any) -> None:
+        self.config = config if config is not None else self.Config(**params)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Defense:
+        """Build from loosely typed params (CLI strings or JSON), checked against Config."""
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        unknown = set(params) - set(fields)
+        if unknown:
+            raise ValueError(f"defense {cls.name!r} has no parameter(s) {sorted(unknown)}; "
+                             f"it takes {sorted(fields)}")
+        typed = {key: _coerce(value, type(getattr(cls.Config(), key)), key)
+                 for key, value in params.items()}
+        return cls(cls.Config(**typed))
+
+    def params(self) -> dict[str, Any]:
+        """The full configuration as plain data (stored in checkpoints and results)."""
+        return dataclasses.asdict(self.config)
+
+    @abc.abstractmethod
+    def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module: ...
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor
+             ) -> tuple[Tensor, Tensor]: ...
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    @abc.abstractmethod
+    def votes(self, model: nn.Module, images: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def footprints(self, patch: PatchShape, image_hw: tuple[int, int]) -> Footprints: ...
+
+    def num_parameters(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    def certify(self, model: nn.Module, images: Tensor, patches: Sequence[PatchShape],
+                conditions: Sequence[str] = CONDITIONS) -> Certificate:
+        image_hw = (images.shape[-2], images.shape[-1])
+        check_fits(list(patches), image_hw)
+        with torch.no_grad():
+            votes = self.votes(model, images)
+        return certify_votes(votes, [self.footprints(p, image_hw) for p in patches], conditions)
+
+
+def _coerce(value: Any, kind: type, key: str) -> Any:
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"parameter {key!r} expects {kind.__name__}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class RegisteredDefense:
+    """One entry point of the group, loaded or not."""
+
+    name: str
+    distribution: str
+    entry_point: EntryPoint
+
+    def load(self) -> type[Defense]:
+        cls = self.entry_point.load()
+        if not (isinstance(cls, type) and issubclass(cls, Defense)):
+            raise TypeError(f"{self.entry_point.value} is not a patchbench Defense subclass")
+        return cls
+
+
+def registered_defenses() -> dict[str, RegisteredDefense]:
+    """Every entry point in the group, without importing any of them."""
+    found = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        found.setdefault(ep.name, RegisteredDefense(ep.name, dist, ep))
+    return dict(sorted(found.items()))
+
+
+def available_defenses() -> dict[str, type[Defense]]:
+    """Defenses that import; each one that fails is reported as a warning and skipped."""
+    loaded = {}
+    for name, reg in registered_defenses().items():
+        try:
+            loaded[name] = reg.load()
+        except Exception as err:  # a broken plugin must not break the others
+            warnings.warn(f"defense {name!r} from {reg.distribution} failed to load: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
+    return loaded
+
+
+class UnknownDefenseError(LookupError):
+    """Raised for a defense name nobody registered, or one that fails to load."""
+
+
+def get_defense(name: str) -> type[Defense]:
+    """The Defense class registered under ``name``; a clear error otherwise."""
+    registry = registered_defenses()
+    if name not in registry:
+        raise UnknownDefenseError(f"unknown defense {name!r}; available: {', '.join(registry)}")
+    try:
+        return registry[name].load()
+    except Exception as err:
+        raise UnknownDefenseError(f"defense {name!r} from {registry[name].distribution} "
+                                  f"failed to load: {type(err).__name__}: {err}") from err

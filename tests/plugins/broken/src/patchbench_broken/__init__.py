@@ -1,0 +1,3 @@
+"""Fails on import, as a plugin with a missing dependency would."""
+
+raise ImportError("this plugin needs a package that is not installed")

@@ -1,0 +1,95 @@
+"""BagCert: footprints from receptive-field arithmetic agree with probing the network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchbench.checkpoint import load_checkpoint, save_checkpoint
+from patchbench.data import load_dataset
+from patchbench.defenses.bagcert import BagCert, Heaviside, receptive_field
+from patchbench.patches import PatchShape
+from patchbench.train import TrainConfig, train
+
+CONFIGS = [dict(rf=rf, padding=p) for rf in (5, 7, 9, 11, 13) for p in (0, 1)] + [
+    dict(rf=17, stride=8, padding=1), dict(rf=17, blocks_1x1=0, stride=8, padding=0)]
+
+
+def probed_support(model: torch.nn.Module, in_shape: tuple[int, int, int],
+                   trials: int = 8) -> torch.Tensor:
+    """(h, w, H, W) bool: which input pixels move each output cell.
+
+    One batched forward per random base image: every pixel perturbed on its own. The union
+    over several base images rules out cells that a dead ReLU happens to hide.
+    """
+    gen = torch.Generator().manual_seed(0)
+    _, height, width = in_shape
+    support = None
+    with torch.no_grad():
+        for trial in range(trials):
+            base = torch.rand(1, *in_shape, generator=gen, dtype=torch.float64)
+            probes = base.repeat(height * width + 1, 1, 1, 1)
+            pixels = torch.arange(height * width)
+            probes[pixels + 1, :, pixels // width, pixels % width] += 5.0 if trial % 2 else -5.0
+            scores = model.double()(probes)
+            changed = (scores[1:] - scores[:1]).abs().sum(1) > 1e-9  # (H*W, h, w)
+            changed = changed.permute(1, 2, 0).reshape(*changed.shape[1:], height, width)
+            support = changed if support is None else support | changed
+    return support
+
+
+@pytest.mark.parametrize("params", CONFIGS, ids=lambda p: "-".join(f"{k}{v}" for k, v in
+                                                                       p.items()))
+def test_footprints_match_probing(params):
+    defense = BagCert(width=8, **params)
+    side = 40 if params.get("stride", 1) > 1 else 20
+    in_shape = (1, side, side)
+    model = defense.build_model(in_shape, 2).eval()
+    assert receptive_field(model.geometry())[0] == params["rf"]
+    support = probed_support(model, in_shape, trials=8 if side == 20 else 4)
+    for patch in (PatchShape(1, 1), PatchShape(3, 2), PatchShape(5, 5)):
+        fp = defense.footprints(patch, (side, side))
+        assert fp.map_hw == tuple(support.shape[:2])
+        probed = set()
+        for r in range(side - patch.height + 1):
+            for c in range(side - patch.width + 1):
+                hit = support[:, :, r:r + patch.height, c:c + patch.width].flatten(2).any(2)
+                probed.add(frozenset(map(tuple, hit.nonzero().tolist())))
+        assert probed == set(fp.cells())
+
+
+def test_straight_through_votes_are_binary_with_sigmoid_gradient():
+    scores = torch.tensor([-2.0, -0.1, 0.0, 0.3, 4.0], requires_grad=True)
+    votes = Heaviside.apply(scores, 0.5)
+    assert votes.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    votes.sum().backward()
+    sig = torch.sigmoid(scores.detach() / 0.5)
+    assert torch.allclose(scores.grad, sig * (1 - sig) / 0.5)
+
+
+def test_trained_checkpoint_reloads_to_identical_votes(tmp_path):
+    data = load_dataset("synthetic", "train")
+    defense = BagCert(rf=5, width=8)
+    model, metrics = train(defense, data, TrainConfig(epochs=1, max_images=256, batch_size=64),
+                           show_progress=False)
+    path = tmp_path / "m.pt"
+    sha = save_checkpoint(path, defense, model, {"dataset": "synthetic",
+                                                 "in_shape": list(data.in_shape),
+                                                 "classes": list(data.classes), "train": metrics})
+    loaded = load_checkpoint(path, defense="bagcert", dataset="synthetic")
+    assert loaded.sha256 == sha and loaded.defense.params() == defense.params()
+    images = load_dataset("synthetic", "test").subset(32).dataset[torch.arange(32)][0]
+    with torch.no_grad():
+        assert torch.equal(defense.votes(model, images), loaded.defense.votes(loaded.model,
+                                                                              images))
+
+
+def test_margin_training_certifies_on_synthetic_stripes():
+    data = load_dataset("synthetic", "train")
+    defense = BagCert(rf=5, width=16, margin=0.3, patch_max=4)
+    model, _ = train(defense, data, TrainConfig(epochs=2, batch_size=64), show_progress=False)
+    images, labels = load_dataset("synthetic", "test").subset(128).dataset[torch.arange(128)]
+    cert = defense.certify(model, images, [PatchShape(3, 3)])
+    correct = cert.prediction == labels
+    assert correct.float().mean() > 0.8
+    assert (correct & cert.certified["tight"][:, 0]).float().mean() > 0.5
