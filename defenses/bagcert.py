@@ -8,6 +8,7 @@ tight certification margin for a randomly drawn patch (see ``BagCert.loss``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from patchbench.defense import Defense, DefenseConfig
 from patchbench.footprints import Footprints, clipped_intervals
 from patchbench.patches import PatchShape
 
+CELL_LOSSES = ("none", "bce", "ce", "recall")
 Geometry = tuple[int, int, int]  # (kernel, stride, padding) of one layer on the main path
 
 
@@ -33,8 +35,13 @@ class BagCertConfig(DefenseConfig):
     patch_min: int = 1  # training patch sides are drawn uniformly from [patch_min, patch_max]
     patch_max: int = 10
     reduction: str = "max"  # hinge on the worst rival class ("max") or on all rivals ("mean")
+    footprint: str = "random"  # margin at a random patch position, or at the "worst" one
     margin_weight: float = 1.0  # weight of the margin hinge
-    cell_weight: float = 0.0  # weight of a per-cell binary cross-entropy (cells may abstain)
+    cell_loss: str = "none"  # extra per-cell loss: "none", "bce" (per class), "ce" (softmax)
+    #                          or "recall" (-log sigmoid of the true class: vote y everywhere)
+    cell_weight: float = 1.0  # weight of the per-cell loss
+    vote_threshold: float = 0.0  # > 0: score = log softmax - log(threshold), so a cell votes
+    #                              for every class whose softmax reaches the threshold
     lr: float = 1e-3
 
 
@@ -81,8 +88,9 @@ class BagNet(nn.Module):
     """Score map (B, classes, h, w): one logit per class per cell, small receptive field."""
 
     def __init__(self, in_ch: int, num_classes: int, rf: int, width: int, blocks_1x1: int,
-                 stride: int, padding: int) -> None:
+                 stride: int, padding: int, vote_threshold: float = 0.0) -> None:
         super().__init__()
+        self.vote_threshold = vote_threshold
         n3 = count_3x3(rf, stride)
         strides = [1] * (n3 - halvings(stride)) + [2] * halvings(stride)
         self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 1, bias=False), nn.BatchNorm2d(width),
@@ -98,7 +106,10 @@ class BagNet(nn.Module):
         return [(1, 1, 0)] + [b.geometry for b in self.blocks] + [(1, 1, 0)]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.blocks(self.stem(x)))
+        logits = self.head(self.blocks(self.stem(x)))
+        if self.vote_threshold > 0:  # positive iff the cell's softmax reaches the threshold
+            return F.log_softmax(logits, dim=1) - math.log(self.vote_threshold)
+        return logits
 
 
 def halvings(stride: int) -> int:
@@ -151,6 +162,12 @@ class BagCert(Defense):
             raise ValueError(f"blocks_1x1 must be >= 0, got {c.blocks_1x1}")
         if not 1 <= c.patch_min <= c.patch_max:
             raise ValueError("need 1 <= patch_min <= patch_max")
+        if c.cell_loss not in CELL_LOSSES:
+            raise ValueError(f"cell_loss must be one of {CELL_LOSSES}, got {c.cell_loss!r}")
+        if not 0 <= c.vote_threshold < 1:
+            raise ValueError(f"vote_threshold must be in [0, 1), got {c.vote_threshold}")
+        if c.footprint not in ("random", "worst"):
+            raise ValueError(f"footprint must be 'random' or 'worst', got {c.footprint!r}")
         if c.reduction not in ("max", "mean"):
             raise ValueError(f"reduction must be 'max' or 'mean', got {c.reduction!r}")
         self._geometry = BagNet(1, 1, c.rf, 1, c.blocks_1x1, c.stride, c.padding).geometry()
@@ -158,7 +175,7 @@ class BagCert(Defense):
     def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         c = self.config
         return BagNet(in_shape[0], num_classes, c.rf, c.width, c.blocks_1x1, c.stride,
-                      c.padding)
+                      c.padding, c.vote_threshold)
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=self.config.lr)
@@ -191,12 +208,15 @@ class BagCert(Defense):
         scores = model(images)
         votes = Heaviside.apply(scores, c.temperature)
         batch, n_classes, h, w = votes.shape
-        inside = self._random_footprint_mask(batch, (images.shape[2], images.shape[3]),
-                                             images.device)
-        outside_votes = (votes * (1 - inside)).sum(dim=(2, 3))  # n_c - a_c(R), (B, C)
-        size = inside.sum(dim=(1, 2, 3))  # |R|
-        own = outside_votes.gather(1, labels[:, None])
-        margins = (own - outside_votes - size[:, None]) / (h * w)
+        image_hw = (images.shape[2], images.shape[3])
+        if c.footprint == "worst":
+            margins = self._worst_margins(votes, labels, image_hw)
+        else:
+            inside = self._random_footprint_mask(batch, image_hw, images.device)
+            outside_votes = (votes * (1 - inside)).sum(dim=(2, 3))  # n_c - a_c(R), (B, C)
+            size = inside.sum(dim=(1, 2, 3))  # |R|
+            own = outside_votes.gather(1, labels[:, None])
+            margins = (own - outside_votes - size[:, None]) / (h * w)
         hinge = F.relu(c.margin - margins)
         rivals = torch.ones_like(hinge, dtype=torch.bool).scatter_(1, labels[:, None], False)
         if c.reduction == "max":
@@ -204,12 +224,33 @@ class BagCert(Defense):
         else:
             per_image = (hinge * rivals).sum(dim=1) / max(1, n_classes - 1)
         loss = c.margin_weight * per_image.mean()
-        if c.cell_weight:
+        if c.cell_loss == "bce":
             target = F.one_hot(labels, n_classes).to(scores.dtype)[:, :, None, None]
             loss = loss + c.cell_weight * F.binary_cross_entropy_with_logits(
                 scores, target.expand_as(scores))
+        elif c.cell_loss == "recall":
+            own_scores = scores.gather(1, labels.view(-1, 1, 1, 1).expand(batch, 1, h, w))
+            loss = loss - c.cell_weight * F.logsigmoid(own_scores).mean()
+        elif c.cell_loss == "ce":
+            cell_labels = labels[:, None, None].expand(batch, h, w)
+            loss = loss + c.cell_weight * F.cross_entropy(scores, cell_labels)
         predictions = votes.detach().sum(dim=(2, 3)).argmax(dim=1)
         return loss, predictions
+
+    def _worst_margins(self, votes: Tensor, labels: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        """Normalised tight margins (B, C) at the worst full-size footprint of one random
+        square patch (box sums by pooling; border footprints, which are smaller, are skipped)."""
+        c = self.config
+        batch, n_classes, h, w = votes.shape
+        side = int(torch.randint(c.patch_min, min(c.patch_max, *image_hw) + 1, ()))
+        fp = self.footprints(PatchShape(side, side), image_hw)
+        kh, kw = max(n for _, n in fp.rows), max(n for _, n in fp.cols)
+        own = votes.gather(1, labels.view(-1, 1, 1, 1).expand(batch, 1, h, w))
+        lost = F.avg_pool2d(own - votes, (kh, kw), stride=1) * (kh * kw)  # a_y - a_c per R
+        worst = lost.flatten(2).amax(dim=2)
+        counts = votes.sum(dim=(2, 3))
+        lead = counts.gather(1, labels[:, None]) - counts
+        return (lead - worst - kh * kw) / (h * w)
 
     def _random_footprint_mask(self, batch: int, image_hw: tuple[int, int],
                                device: torch.device) -> Tensor:

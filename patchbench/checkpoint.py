@@ -54,8 +54,11 @@ def save_checkpoint(path: str | Path, defense: Defense, model: nn.Module,
     meta = {"format": FORMAT, "defense": defense.name, "params": defense.params(), **meta}
     meta = json.loads(json.dumps(meta))  # plain JSON types only, as the hash sees them
     sha = content_hash(meta, state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save({"meta": meta, "state_dict": state, "sha256": sha}, fh)

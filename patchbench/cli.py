@@ -82,11 +82,12 @@ def dataset_options(fn):
 def train_options(fn):
     defaults = TrainConfig()
     for name, kind, help_text in reversed([
-            ("epochs", int, "Training epochs."),
-            ("train-batch-size", int, "Training batch size."),
+            ("epochs", click.IntRange(min=1), "Training epochs."),
+            ("train-batch-size", click.IntRange(min=1), "Training batch size."),
             ("seed", int, "Seed for initialisation, shuffling and augmentation."),
-            ("crop-padding", int, "Random-crop augmentation padding in pixels."),
-            ("max-train-images", int, "Train on the first N images only (0: all).")]):
+            ("crop-padding", click.IntRange(min=0), "Random-crop augmentation padding in pixels."),
+            ("max-train-images", click.IntRange(min=0),
+             "Train on the first N images only (0: all).")]):
         attr = {"train-batch-size": "batch_size", "max-train-images": "max_images"}.get(
             name, name.replace("-", "_"))
         fn = click.option(f"--{name}", type=kind, default=getattr(defaults, attr),
@@ -179,13 +180,20 @@ def run_command(ctx: click.Context, defense_name: str, patch_lists, condition: l
         check_fits(patches, data.in_shape[1:])
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--patch'") from None
+    defense = make_defense(defense_name, ctx.args)
     if checkpoint is None:
-        defense = make_defense(defense_name, ctx.args)
         key = model_key(defense, dataset, make_train_config(kwargs))
         checkpoint = find_checkpoint(key) or train_and_save(
             defense, dataset, data_dir, download, make_train_config(kwargs), device,
             new_checkpoint_path(key))
     loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
+    given = parse_extra_params(ctx.args)
+    clash = {k: v for k, v in defense.params().items()
+             if k in given and loaded.defense.params()[k] != v}
+    if clash:
+        raise click.UsageError(f"checkpoint {checkpoint} was trained with "
+                               f"{', '.join(f'{k}={loaded.defense.params()[k]}' for k in clash)}"
+                               f", not {', '.join(f'{k}={v}' for k, v in clash.items())}")
     evaluation = certify_split(loaded.defense, loaded.model, data, patches, condition,
                                batch_size, device)
     summary = summarize(evaluation, patches, condition)

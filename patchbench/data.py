@@ -128,8 +128,13 @@ def _fashion_mnist(split: str, data_dir: Path | None, download: bool) -> ImageDa
         images_file = _find_idx(root, f"{prefix}-images-idx3-ubyte")
         labels_file = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
         if images_file and labels_file:
-            images = torch.from_numpy(read_idx(images_file)).unsqueeze(1)
-            labels = torch.from_numpy(read_idx(labels_file).astype(np.int64))
+            images, labels = read_idx(images_file), read_idx(labels_file)
+            if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1:
+                raise DatasetFormatError(f"{images_file} and {labels_file} do not hold 28x28 "
+                                         f"images and labels (shapes {images.shape}, "
+                                         f"{labels.shape})")
+            images = torch.from_numpy(images).unsqueeze(1)
+            labels = torch.from_numpy(labels.astype(np.int64))
             return ImageData("fashion-mnist", split, TensorImages(images, labels),
                              (1, 28, 28), FASHION_CLASSES)
     if download:
@@ -162,6 +167,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DatasetFormatError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetFormatError(f"{path} is cut short inside its IDX header")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     body = raw[4 + 4 * ndim:]
     if len(body) != math.prod(dims):
@@ -193,11 +200,14 @@ def _cifar10(split: str, data_dir: Path | None, download: bool) -> ImageData:
         try:
             with open(folder / name, "rb") as fh:
                 entry = pickle.load(fh, encoding="latin1")
+            if not isinstance(entry, dict):
+                raise DatasetFormatError(f"{folder / name} is not a CIFAR-10 batch")
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry.get("labels", entry.get("fine_labels", [])))
         except FileNotFoundError:
             raise DatasetNotFoundError(f"CIFAR-10 file {folder / name} is missing") from None
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as err:
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError,
+                AttributeError, ImportError) as err:
             raise DatasetFormatError(f"{folder / name} is not a CIFAR-10 batch: {err}") from None
     return ImageData("cifar10", split,
                      TensorImages(torch.from_numpy(np.concatenate(images)),

@@ -76,8 +76,11 @@ def write_cell(results_dir: Path, checkpoint: Checkpoint, data: ImageData, summa
 
 
 def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise ResultsError(f"cannot write results to {path.parent}: {err.strerror}") from None
     os.close(fd)
     try:
         frame.to_csv(tmp, index=False, compression="gzip" if path.suffix == ".gz" else None)
