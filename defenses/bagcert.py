@@ -19,26 +19,24 @@ from patchbench.defense import Defense, DefenseConfig
 from patchbench.footprints import Footprints, clipped_intervals
 from patchbench.patches import PatchShape
 
-CELL_LOSSES = ("none", "bce", "ce", "recall")
+CELL_LOSSES = ("none", "bce", "ce")
 Geometry = tuple[int, int, int]  # (kernel, stride, padding) of one layer on the main path
 
 
 @dataclass
 class BagCertConfig(DefenseConfig):
     rf: int = 7  # receptive field in pixels; sets how many of the convolutions are 3x3
-    width: int = 64  # channels of every block
+    width: int = 48  # channels of every block
     blocks_1x1: int = 1  # residual 1x1 blocks after the (rf - 1) / 2 blocks with a 3x3 conv
     stride: int = 1  # 1 for small images; 8 gives ImageNet-scale BagNet-like maps
-    padding: int = 0  # zero padding of each 3x3 convolution (the footprints follow it)
+    padding: int = 1  # zero padding of each 3x3 convolution (the footprints follow it)
     temperature: float = 1.0  # sigmoid temperature of the straight-through gradient
     margin: float = 0.5  # hinge margin M on the normalised tight margin
-    patch_min: int = 1  # training patch sides are drawn uniformly from [patch_min, patch_max]
-    patch_max: int = 10
+    patch_min: int = 3  # training patch sides are drawn uniformly from [patch_min, patch_max]
+    patch_max: int = 7
     reduction: str = "max"  # hinge on the worst rival class ("max") or on all rivals ("mean")
-    footprint: str = "random"  # margin at a random patch position, or at the "worst" one
     margin_weight: float = 1.0  # weight of the margin hinge
-    cell_loss: str = "none"  # extra per-cell loss: "none", "bce" (per class), "ce" (softmax)
-    #                          or "recall" (-log sigmoid of the true class: vote y everywhere)
+    cell_loss: str = "none"  # extra per-cell loss: "none", "bce" (per class) or "ce" (softmax)
     cell_weight: float = 1.0  # weight of the per-cell loss
     vote_threshold: float = 0.0  # > 0: score = log softmax - log(threshold), so a cell votes
     #                              for every class whose softmax reaches the threshold
@@ -78,8 +76,9 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        c = self.crop
-        shortcut = x[:, :, c:x.shape[2] - c, c:x.shape[3] - c] if c > 0 else x
+        c = self.crop  # align the skip with the valid region: crop, or zero-pad if negative
+        shortcut = (x[:, :, c:x.shape[2] - c, c:x.shape[3] - c] if c > 0 else
+                    F.pad(x, (-c,) * 4) if c < 0 else x)
         shortcut = self.skip(shortcut)
         return F.relu(out + shortcut[:, :, :out.shape[2], :out.shape[3]])
 
@@ -153,6 +152,7 @@ class BagCert(Defense):
     description = "BagNet votes clipped by a Heaviside, margin-trained (Metzen & Yatsura 2021)"
     Config = BagCertConfig
     config: BagCertConfig
+    train_defaults = {"epochs": 8, "batch_size": 128, "crop_padding": 2}
 
     def __init__(self, config: BagCertConfig | None = None, **params) -> None:
         super().__init__(config, **params)
@@ -166,8 +166,6 @@ class BagCert(Defense):
             raise ValueError(f"cell_loss must be one of {CELL_LOSSES}, got {c.cell_loss!r}")
         if not 0 <= c.vote_threshold < 1:
             raise ValueError(f"vote_threshold must be in [0, 1), got {c.vote_threshold}")
-        if c.footprint not in ("random", "worst"):
-            raise ValueError(f"footprint must be 'random' or 'worst', got {c.footprint!r}")
         if c.reduction not in ("max", "mean"):
             raise ValueError(f"reduction must be 'max' or 'mean', got {c.reduction!r}")
         self._geometry = BagNet(1, 1, c.rf, 1, c.blocks_1x1, c.stride, c.padding).geometry()
@@ -209,14 +207,11 @@ class BagCert(Defense):
         votes = Heaviside.apply(scores, c.temperature)
         batch, n_classes, h, w = votes.shape
         image_hw = (images.shape[2], images.shape[3])
-        if c.footprint == "worst":
-            margins = self._worst_margins(votes, labels, image_hw)
-        else:
-            inside = self._random_footprint_mask(batch, image_hw, images.device)
-            outside_votes = (votes * (1 - inside)).sum(dim=(2, 3))  # n_c - a_c(R), (B, C)
-            size = inside.sum(dim=(1, 2, 3))  # |R|
-            own = outside_votes.gather(1, labels[:, None])
-            margins = (own - outside_votes - size[:, None]) / (h * w)
+        inside = self._random_footprint_mask(batch, image_hw, images.device)
+        outside_votes = (votes * (1 - inside)).sum(dim=(2, 3))  # n_c - a_c(R), (B, C)
+        size = inside.sum(dim=(1, 2, 3))  # |R|
+        own = outside_votes.gather(1, labels[:, None])
+        margins = (own - outside_votes - size[:, None]) / (h * w)
         hinge = F.relu(c.margin - margins)
         rivals = torch.ones_like(hinge, dtype=torch.bool).scatter_(1, labels[:, None], False)
         if c.reduction == "max":
@@ -228,29 +223,11 @@ class BagCert(Defense):
             target = F.one_hot(labels, n_classes).to(scores.dtype)[:, :, None, None]
             loss = loss + c.cell_weight * F.binary_cross_entropy_with_logits(
                 scores, target.expand_as(scores))
-        elif c.cell_loss == "recall":
-            own_scores = scores.gather(1, labels.view(-1, 1, 1, 1).expand(batch, 1, h, w))
-            loss = loss - c.cell_weight * F.logsigmoid(own_scores).mean()
         elif c.cell_loss == "ce":
             cell_labels = labels[:, None, None].expand(batch, h, w)
             loss = loss + c.cell_weight * F.cross_entropy(scores, cell_labels)
         predictions = votes.detach().sum(dim=(2, 3)).argmax(dim=1)
         return loss, predictions
-
-    def _worst_margins(self, votes: Tensor, labels: Tensor, image_hw: tuple[int, int]) -> Tensor:
-        """Normalised tight margins (B, C) at the worst full-size footprint of one random
-        square patch (box sums by pooling; border footprints, which are smaller, are skipped)."""
-        c = self.config
-        batch, n_classes, h, w = votes.shape
-        side = int(torch.randint(c.patch_min, min(c.patch_max, *image_hw) + 1, ()))
-        fp = self.footprints(PatchShape(side, side), image_hw)
-        kh, kw = max(n for _, n in fp.rows), max(n for _, n in fp.cols)
-        own = votes.gather(1, labels.view(-1, 1, 1, 1).expand(batch, 1, h, w))
-        lost = F.avg_pool2d(own - votes, (kh, kw), stride=1) * (kh * kw)  # a_y - a_c per R
-        worst = lost.flatten(2).amax(dim=2)
-        counts = votes.sum(dim=(2, 3))
-        lead = counts.gather(1, labels[:, None]) - counts
-        return (lead - worst - kh * kw) / (h * w)
 
     def _random_footprint_mask(self, batch: int, image_hw: tuple[int, int],
                                device: torch.device) -> Tensor:

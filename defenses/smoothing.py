@@ -156,6 +156,7 @@ class Smoothing(Defense):
     max_forward: int = MAX_FORWARD  # lower it on an instance for large images or base models
     Config = SmoothingConfig
     config: SmoothingConfig
+    train_defaults = {"epochs": 12, "batch_size": 128, "crop_padding": 2}
 
     def __init__(self, config: SmoothingConfig | None = None, **params) -> None:
         super().__init__(config, **params)

@@ -79,26 +79,29 @@ def dataset_options(fn):
                         default="fashion-mnist", show_default=True)(fn)
 
 
+TRAIN_OPTIONS = {  # option name -> (TrainConfig field, type, help)
+    "epochs": ("epochs", click.IntRange(min=1), "Training epochs."),
+    "train-batch-size": ("batch_size", click.IntRange(min=1), "Training batch size."),
+    "seed": ("seed", int, "Seed for initialisation, shuffling and augmentation."),
+    "crop-padding": ("crop_padding", click.IntRange(min=0),
+                     "Random-crop augmentation padding in pixels."),
+    "max-train-images": ("max_images", click.IntRange(min=0),
+                         "Train on the first N images only (0: all)."),
+}
+
+
 def train_options(fn):
-    defaults = TrainConfig()
-    for name, kind, help_text in reversed([
-            ("epochs", click.IntRange(min=1), "Training epochs."),
-            ("train-batch-size", click.IntRange(min=1), "Training batch size."),
-            ("seed", int, "Seed for initialisation, shuffling and augmentation."),
-            ("crop-padding", click.IntRange(min=0), "Random-crop augmentation padding in pixels."),
-            ("max-train-images", click.IntRange(min=0),
-             "Train on the first N images only (0: all).")]):
-        attr = {"train-batch-size": "batch_size", "max-train-images": "max_images"}.get(
-            name, name.replace("-", "_"))
-        fn = click.option(f"--{name}", type=kind, default=getattr(defaults, attr),
-                          show_default=True, help=help_text)(fn)
+    """Training options; unset ones take the defense's recipe (``Defense.train_defaults``)."""
+    for name, (_, kind, help_text) in reversed(TRAIN_OPTIONS.items()):
+        fn = click.option(f"--{name}", type=kind, default=None,
+                          help=f"{help_text} [default: the defense's recipe]")(fn)
     return fn
 
 
-def make_train_config(kwargs: dict) -> TrainConfig:
-    return TrainConfig(epochs=kwargs["epochs"], batch_size=kwargs["train_batch_size"],
-                       seed=kwargs["seed"], crop_padding=kwargs["crop_padding"],
-                       max_images=kwargs["max_train_images"])
+def make_train_config(defense: Defense, kwargs: dict) -> TrainConfig:
+    given = {field: kwargs[name.replace("-", "_")] for name, (field, _, _) in
+             TRAIN_OPTIONS.items() if kwargs[name.replace("-", "_")] is not None}
+    return TrainConfig(**{**defense.train_defaults, **given})
 
 
 def make_defense(name: str, extra_args: list[str]) -> Defense:
@@ -137,7 +140,7 @@ def train_command(ctx: click.Context, defense_name: str, dataset: str, data_dir:
                   download: bool, device: torch.device, output: Path | None, **kwargs) -> None:
     """Train a defense's model; defense parameters follow as --name value (e.g. --rf 7)."""
     defense = make_defense(defense_name, ctx.args)
-    config = make_train_config(kwargs)
+    config = make_train_config(defense, kwargs)
     output = output or new_checkpoint_path(model_key(defense, dataset, config))
     train_and_save(defense, dataset, data_dir, download, config, device, output)
     click.echo(str(output))
@@ -182,10 +185,10 @@ def run_command(ctx: click.Context, defense_name: str, patch_lists, condition: l
         raise click.BadParameter(str(err), param_hint="'--patch'") from None
     defense = make_defense(defense_name, ctx.args)
     if checkpoint is None:
-        key = model_key(defense, dataset, make_train_config(kwargs))
+        config = make_train_config(defense, kwargs)
+        key = model_key(defense, dataset, config)
         checkpoint = find_checkpoint(key) or train_and_save(
-            defense, dataset, data_dir, download, make_train_config(kwargs), device,
-            new_checkpoint_path(key))
+            defense, dataset, data_dir, download, config, device, new_checkpoint_path(key))
     loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
     given = parse_extra_params(ctx.args)
     clash = {k: v for k, v in defense.params().items()

@@ -50,6 +50,8 @@ class Defense(abc.ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+    # TrainConfig fields of the defense's own recipe (epochs, batch_size, crop_padding, ...)
+    train_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: DefenseConfig | None = None, **params: Any) -> None:
         self.config = config if config is not None else self.Config(**params)

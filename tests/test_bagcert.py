@@ -12,6 +12,7 @@ from patchbench.patches import PatchShape
 from patchbench.train import TrainConfig, train
 
 CONFIGS = [dict(rf=rf, padding=p) for rf in (5, 7, 9, 11, 13) for p in (0, 1)] + [
+    dict(rf=7, padding=2),
     dict(rf=17, stride=8, padding=1), dict(rf=17, blocks_1x1=0, stride=8, padding=0)]
 
 
