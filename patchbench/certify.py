@@ -10,6 +10,7 @@ inside footprint ``R``:
 The ``[c < y]`` term is the tie-break: a tie with a smaller class index would flip the
 prediction, so it needs one more vote. We report the *margin*, the smallest left-hand side
 minus right-hand side over classes and footprints; an image is certified iff margin >= 0.
+(For ``tight``, a non-negative margin may be a lower bound: see ``_tight_margins``.)
 """
 
 from __future__ import annotations
@@ -86,7 +87,13 @@ def certify_votes(votes: Tensor, footprints: Sequence[Footprints],
 
 def _tight_margins(votes: Tensor, footprints: Sequence[Footprints], prediction: Tensor,
                    lead: Tensor, not_pred: Tensor, max_elements: int, big: int) -> Tensor:
-    """min over R and c != y of  lead_c + a_c(R) - a_y(R) - |R|,  as (B, S)."""
+    """min over R and c != y of  lead_c + a_c(R) - a_y(R) - |R|,  as (B, S).
+
+    Only *contenders* are box-summed: a class with lead_c >= max_R (a_y(R) + |R|) cannot win
+    in any footprint (a_c >= 0), and enters the minimum with that lower bound instead. So a
+    negative margin is exact, a non-negative one a lower bound of the exact margin, and the
+    certified flag is exact either way; with many classes, few are ever contenders.
+    """
     batch, n_classes, h, w = votes.shape
     out = torch.empty(batch, len(footprints), dtype=torch.int64, device=votes.device)
     wrap_h = max((max(n for _, n in fp.rows) for fp in footprints if fp.cyclic), default=1) - 1
@@ -111,25 +118,33 @@ def _integral(votes: Tensor, wrap_h: int, wrap_w: int) -> Tensor:
     return F.pad(integral, (1, 0, 1, 0))
 
 
+def _box_sums(integral: Tensor, fp: Footprints) -> Tensor:
+    """Votes inside every footprint: (..., H', W') integral images -> (..., rows * cols)."""
+    device = integral.device
+    r0 = torch.tensor([r for r, _ in fp.rows], device=device)
+    r1 = r0 + torch.tensor([n for _, n in fp.rows], device=device)
+    c0 = torch.tensor([c for c, _ in fp.cols], device=device)
+    c1 = c0 + torch.tensor([n for _, n in fp.cols], device=device)
+    bands = integral.index_select(-2, r1) - integral.index_select(-2, r0)  # separable
+    return (bands.index_select(-1, c1) - bands.index_select(-1, c0)).flatten(-2)
+
+
 def _shape_margin(integral: Tensor, fp: Footprints, prediction: Tensor, lead: Tensor,
                   not_pred: Tensor, max_elements: int, big: int) -> Tensor:
-    device = integral.device
-    b, n_classes = integral.shape[:2]
-    col_start = torch.tensor([c for c, _ in fp.cols], device=device)
-    col_len = torch.tensor([n for _, n in fp.cols], device=device)
-    col_end = col_start + col_len
-    per_row = max(1, max_elements // max(1, b * n_classes * len(fp.cols)))
-    worst = torch.full((b, n_classes), big, dtype=torch.int64, device=device)
-    for lo in range(0, len(fp.rows), per_row):
-        rows = fp.rows[lo:lo + per_row]
-        row_start = torch.tensor([r for r, _ in rows], device=device)
-        row_len = torch.tensor([n for _, n in rows], device=device)
-        top = integral.index_select(2, row_start)
-        bottom = integral.index_select(2, row_start + row_len)
-        box = (bottom.index_select(3, col_end) - bottom.index_select(3, col_start)
-               - top.index_select(3, col_end) + top.index_select(3, col_start))  # (b, C, r, c)
-        size = (row_len[:, None] * col_len[None, :]).to(torch.int32)
-        box_pred = box.gather(1, prediction.view(-1, 1, 1, 1).expand(-1, 1, *box.shape[2:]))
-        gain = (box - box_pred - size).flatten(2).amin(dim=2).to(torch.int64)  # (b, C)
-        worst = torch.minimum(worst, gain)
-    return (lead + worst).masked_fill(~not_pred, big).min(dim=1).values
+    b = integral.shape[0]
+    sizes = torch.tensor([rn * cn for _, rn in fp.rows for _, cn in fp.cols],
+                         dtype=torch.int32, device=integral.device)
+    own = integral[torch.arange(b, device=integral.device), prediction]  # (b, H', W')
+    loss = _box_sums(own, fp) + sizes  # a_y(R) + |R|, (b, F), int32
+    bound = lead - loss.amax(dim=1, keepdim=True)  # margin lower bound per class, int64
+    contender = not_pred & (bound < 0)
+    worst = bound.masked_fill(~not_pred | contender, big).amin(dim=1)
+    images, classes = contender.nonzero(as_tuple=True)
+    lead32 = lead.to(torch.int32)
+    per_chunk = max(1, max_elements // max(1, loss.shape[1]))
+    for lo in range(0, len(images), per_chunk):
+        bi, ci = images[lo:lo + per_chunk], classes[lo:lo + per_chunk]
+        gain = _box_sums(integral[bi, ci], fp)  # a_c(R), (k, F)
+        margin = (gain - loss[bi]).amin(dim=1) + lead32[bi, ci]
+        worst = worst.scatter_reduce(0, bi, margin.to(torch.int64), reduce="amin")
+    return worst

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +128,28 @@ def test_rejects_unknown_condition_and_mismatched_map():
         certify_votes(votes, [fp], conditions=["loose"])
     with pytest.raises(ValueError, match="footprints for a"):
         certify_votes(torch.zeros(1, 2, 4, 4, dtype=torch.bool), [fp])
+
+
+MEMORY_PROBE = """
+import resource, torch
+from patchbench.certify import certify_votes
+from patchbench.footprints import Footprints, clipped_intervals
+gen = torch.Generator().manual_seed(0)
+votes = torch.rand(64, 1000, 26, 26, generator=gen) < 0.01
+votes[torch.arange(64), torch.randint(0, 1000, (64,), generator=gen)] |= (
+    torch.rand(64, 26, 26, generator=gen) < 0.5)
+shapes = [(1 + s % 10, 1 + (7 * s) % 12) for s in range(30)]
+fps = [Footprints((26, 26), clipped_intervals(32, h, 7, 1, 0, 26),
+                  clipped_intervals(32, w, 7, 1, 0, 26), cyclic=False) for h, w in shapes]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cert = certify_votes(votes, fps)
+assert cert.margin["tight"].shape == (64, 30)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_memory_stays_bounded_for_1000_classes():
+    """1000 classes, a 26x26 map, batch 64, 30 shapes: the votes alone are 43 MB as bool."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True,
+                         timeout=600, check=True)
+    assert int(out.stdout.strip()) < 1536  # MiB above the votes themselves
