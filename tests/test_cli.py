@@ -334,3 +334,16 @@ def test_run_without_checkpoint_trains_once_then_reuses_the_cache(isolated_cache
     assert_clean_exit(third, 0)
     assert "saved" in third.stderr  # another configuration, another checkpoint
     assert len(list((isolated_cache / "checkpoints").glob("*.pt"))) == 2
+
+
+def test_training_options_default_to_the_defense_recipe():
+    from patchbench.cli import make_train_config
+    from patchbench.defenses.bagcert import BagCert
+    from patchbench.defenses.smoothing import ColumnSmoothing
+    from patchbench.train import TrainConfig
+
+    unset = {"epochs": None, "train_batch_size": None, "seed": None, "crop_padding": None,
+             "max_train_images": None}
+    assert make_train_config(BagCert(), unset) == TrainConfig(**BagCert.train_defaults)
+    assert make_train_config(ColumnSmoothing(), unset).epochs == 12
+    assert make_train_config(BagCert(), {**unset, "epochs": 3}).epochs == 3
