@@ -94,3 +94,16 @@ def test_margin_training_certifies_on_synthetic_stripes():
     correct = cert.prediction == labels
     assert correct.float().mean() > 0.8
     assert (correct & cert.certified["tight"][:, 0]).float().mean() > 0.5
+
+
+def test_readme_main_job_finds_the_shipped_checkpoint():
+    """Changing BagCert's defaults or recipe without retraining would make the README's first
+    command train for an hour instead of certifying the shipped model."""
+    from patchbench.cache import SHIPPED, find_checkpoint, model_key
+
+    defense = BagCert()
+    path = find_checkpoint(model_key(defense, "fashion-mnist",
+                                     TrainConfig(**BagCert.train_defaults)))
+    assert path is not None and path.parent == SHIPPED
+    loaded = load_checkpoint(path, defense="bagcert", dataset="fashion-mnist")
+    assert loaded.defense.params() == defense.params()
