@@ -91,6 +91,11 @@ class Defense(abc.ABC):
     def num_parameters(self, model: nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())
 
+    @property
+    def certifies_from_votes(self) -> bool:
+        """False for a defense that overrides ``certify`` (its certificate is no vote map)."""
+        return type(self).certify is Defense.certify
+
     def certify(self, model: nn.Module, images: Tensor, patches: Sequence[PatchShape],
                 conditions: Sequence[str] = CONDITIONS) -> Certificate:
         image_hw = (images.shape[-2], images.shape[-1])
