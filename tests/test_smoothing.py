@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
 from torch import nn
 
+from patchbench.checkpoint import save_checkpoint
 from patchbench.defense import get_defense
 from patchbench.defenses.smoothing import (
     BlockSmoothing,
@@ -204,12 +203,26 @@ def test_timm_base_takes_2c_channels_with_a_small_image_stem():
     assert defense.num_parameters(model) > 10_000_000
 
 
-def test_load_base_classifier_reads_a_checkpoint(monkeypatch):
+def test_load_base_classifier_reads_a_real_checkpoint(tmp_path):
     defense = BlockSmoothing(ablation_size=3, threshold=0.4, width=4)
-    model = defense.build_model((1, 8, 8), 2).train()
-    fake = types.ModuleType("patchbench.checkpoint")
-    fake.load_checkpoint = lambda path: types.SimpleNamespace(defense=defense, model=model)
-    monkeypatch.setitem(sys.modules, "patchbench.checkpoint", fake)
-    base = load_base_classifier("any.pt")
-    assert base == (model, 3, 0.4, "block")
+    model = defense.build_model((1, 8, 8), 2).eval()
+    path = tmp_path / "block.pt"
+    save_checkpoint(path, defense, model, {"dataset": "synthetic", "in_shape": [1, 8, 8],
+                                           "classes": ["a", "b"]})
+    base = load_base_classifier(path)
+    assert base[1:] == (3, 0.4, "block")
     assert not base.model.training
+    images = torch.rand(2, 1, 8, 8)
+    assert torch.equal(smoothed_votes(base.model, images, base.mode, 3, 0.4),
+                       defense.votes(model, images))
+
+
+def test_load_base_classifier_refuses_a_bagcert_checkpoint(tmp_path):
+    from patchbench.defenses.bagcert import BagCert
+
+    defense = BagCert(rf=3, width=4)
+    path = tmp_path / "bagcert.pt"
+    save_checkpoint(path, defense, defense.build_model((1, 8, 8), 2),
+                    {"dataset": "synthetic", "in_shape": [1, 8, 8], "classes": ["a", "b"]})
+    with pytest.raises(TypeError, match="not a smoothing defense"):
+        load_base_classifier(path)
