@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from patchbench.atomic import atomic_path
 from patchbench.defense import Defense, UnknownDefenseError, get_defense
 
 FORMAT = 1
@@ -55,19 +54,10 @@ def save_checkpoint(path: str | Path, defense: Defense, model: nn.Module,
     meta = json.loads(json.dumps(meta))  # plain JSON types only, as the hash sees them
     sha = content_hash(meta, state)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_path(path) as tmp:
+            torch.save({"meta": meta, "state_dict": state, "sha256": sha}, tmp)
     except OSError as err:
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"meta": meta, "state_dict": state, "sha256": sha}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return sha
 
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from patchbench.atomic import atomic_path
 from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData
 from patchbench.evaluate import Evaluation
@@ -77,17 +76,10 @@ def write_cell(results_dir: Path, checkpoint: Checkpoint, data: ImageData, summa
 
 def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with atomic_path(path) as tmp:
+            frame.to_csv(tmp, index=False, compression="gzip" if path.suffix == ".gz" else None)
     except OSError as err:
         raise ResultsError(f"cannot write results to {path.parent}: {err.strerror}") from None
-    os.close(fd)
-    try:
-        frame.to_csv(tmp, index=False, compression="gzip" if path.suffix == ".gz" else None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_results(results_dir: str | Path) -> pd.DataFrame:
