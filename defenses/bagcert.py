@@ -233,15 +233,61 @@ class BagCert(Defense):
                                device: torch.device) -> Tensor:
         """(B, 1, h, w) 0/1 mask of the footprint of one random patch per image."""
         c = self.config
-        rf, stride, padding = receptive_field(self._geometry)
-        h, w = (map_size(self._geometry, n) for n in image_hw)
         side = torch.randint(c.patch_min, min(c.patch_max, *image_hw) + 1, (batch,),
                              device=device)
+        top, left = ((torch.rand(batch, device=device) * (n_pixels - side + 1)).floor().long()
+                     for n_pixels in image_hw)
+        boxes = torch.stack([top, left, side, side], dim=1)
+        return self.touched_cells(image_hw, boxes)[:, None].float()
+
+    def touched_cells(self, image_hw: tuple[int, int], boxes: Tensor) -> Tensor:
+        """Cells whose input window meets each patch box (top, left, height, width): bool
+        (N, h, w), by receptive-field arithmetic per cell rather than through ``footprints``,
+        so that the patch attack can check the two against each other."""
+        rf, stride, padding = receptive_field(self._geometry)
         hits = []
-        for n_pixels, n_cells in ((image_hw[0], h), (image_hw[1], w)):
-            q = (torch.rand(batch, device=device) * (n_pixels - side + 1)).floor().long()
-            first_pixel = torch.arange(n_cells, device=device) * stride - padding
-            hits.append((first_pixel[None, :] <= (q + side - 1)[:, None])
-                        & ((first_pixel + rf - 1)[None, :] >= q[:, None]))
+        for axis, n_pixels in enumerate(image_hw):
+            first_pixel = torch.arange(map_size(self._geometry, n_pixels),
+                                       device=boxes.device) * stride - padding
+            start, side = boxes[:, axis, None], boxes[:, axis + 2, None]
+            hits.append((first_pixel <= start + side - 1) & (first_pixel + rf - 1 >= start))
         rows, cols = hits
-        return (rows[:, None, :, None] & cols[:, None, None, :]).float()
+        return rows[:, :, None] & cols[:, None, :]
+
+    def soft_votes(self, model: nn.Module, images: Tensor, cells: Tensor) -> Tensor:
+        """``sigmoid(scores / T)`` on ``cells`` (bool N, h, w), 0 elsewhere: the votes relaxed
+        as in training, for the patch attack's gradient.
+
+        Each image is cropped to the pixels its asked cells see (aligned to the stride, and
+        ending at the image border where their windows leave it), so their scores are exact
+        and a small patch costs a fraction of a full forward pass.
+        """
+        rf, stride, padding = receptive_field(self._geometry)
+        n = images.shape[0]
+        starts, index = [], []
+        for axis, n_pixels in enumerate(images.shape[2:]):
+            hit = cells.any(dim=2 - axis)  # (N, cells on this axis)
+            first = hit.int().argmax(dim=1)
+            last = hit.shape[1] - 1 - hit.flip(1).int().argmax(dim=1)
+            lo = (first * stride - padding).clamp(min=0)
+            hi = (last * stride - padding + rf).clamp(max=n_pixels)
+            need = int((hi - lo).max()) + stride - 1
+            size = n_pixels - max(0, (n_pixels - need) // stride) * stride
+            start = torch.minimum(lo // stride * stride, torch.full_like(lo, n_pixels - size))
+            starts.append(start // stride)
+            index.append(start[:, None] + torch.arange(size, device=images.device))
+        rows, cols = index
+        crops = images[torch.arange(n, device=images.device)[:, None, None], :,
+                       rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        soft = torch.sigmoid(model(crops) / self.config.temperature)
+        for axis, start in enumerate(starts):  # crop cell i - start is full-map cell i
+            dim, n_full = 2 + axis, cells.shape[1 + axis]
+            crop_cell = torch.arange(n_full, device=images.device) - start[:, None]
+            inside = (crop_cell >= 0) & (crop_cell < soft.shape[dim])
+            shape = [n, 1, 1, 1]
+            shape[dim] = n_full
+            gather = crop_cell.clamp(0, soft.shape[dim] - 1).view(shape)
+            size = list(soft.shape)
+            size[dim] = n_full
+            soft = soft.gather(dim, gather.expand(size)) * inside.view(shape)
+        return soft * cells[:, None]

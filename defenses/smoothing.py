@@ -12,6 +12,8 @@ channels: ``(x, 1 - x)`` where kept and ``(0, 0)`` where ablated (images are in 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -22,13 +24,18 @@ from torch import Tensor, nn
 
 from patchbench.defense import Defense, DefenseConfig
 from patchbench.footprints import Footprints, cyclic_intervals
-from patchbench.patches import PatchShape
+from patchbench.patches import PatchShape, box_masks
 
 # Which axes each mode ablates: (rows, columns).
 ABLATED_AXES = {"column": (False, True), "row": (True, False), "block": (True, True)}
 SMALL_CNN = "small-cnn"
 # Most encoded images per forward pass in ``smoothed_votes`` (block smoothing needs H*W each).
 MAX_FORWARD = 4096
+# Encoded input per forward block: about this much on a CPU (cache-sized, at least
+# CPU_MIN_BLOCK images), at most this much on an accelerator (see ``forward_block_size``).
+CPU_BLOCK_BYTES = 1 << 20
+CPU_MIN_BLOCK = 16
+MAX_BLOCK_BYTES = 256 << 20
 # timm ResNets get a CIFAR-style stem on images up to this side.
 SMALL_IMAGE_SIDE = 64
 
@@ -83,26 +90,61 @@ def encode(images: Tensor, masks: Tensor) -> Tensor:
     return torch.cat([images * keep, (1 - images) * keep], dim=1)
 
 
-@torch.no_grad()
-def smoothed_votes(model: nn.Module, images: Tensor, mode: str, size: int, threshold: float,
-                   max_forward: int = MAX_FORWARD) -> Tensor:
-    """Vote map, bool (B, classes, h, w): softmax >= threshold for every ablation position.
+def forward_block_size(images: Tensor, max_forward: int = MAX_FORWARD) -> int:
+    """How many encoded images go through the base classifier at once.
 
-    All (image, position) pairs are flattened and sent through the model in chunks of at
-    most ``max_forward`` encoded images, so memory stays bounded even for block smoothing.
+    At most ``max_forward``; on a CPU, about ``CPU_BLOCK_BYTES`` of encoded input (at least
+    ``CPU_MIN_BLOCK`` images), because a block whose activations stay in cache runs up to twice
+    as fast per image as a large one; elsewhere at most ``MAX_BLOCK_BYTES`` of encoded input.
+    """
+    per_input = 2 * images[0].numel() * images.element_size()
+    if images.device.type == "cpu":
+        return max(1, min(max_forward, max(CPU_MIN_BLOCK, CPU_BLOCK_BYTES // per_input)))
+    return max(1, min(max_forward, MAX_BLOCK_BYTES // per_input))
+
+
+def ablated_blocks(images: Tensor, mode: str, size: int,
+                   max_forward: int = MAX_FORWARD) -> Iterator[Tensor]:
+    """The base classifier's inputs ``encode(image, mask)`` for every (image, position) pair,
+    image-major and in vote-map order, in blocks of at most ``forward_block_size`` images.
+
+    No gather and no Python loop over positions: a block holds whole images times all their
+    positions (one broadcast product of ``(x, 1 - x)`` with the masks), or, where one image has
+    more positions than a block holds, a range of positions of one image.
     """
     batch = images.shape[0]
     image_hw = (images.shape[-2], images.shape[-1])
     map_h, map_w = vote_map_hw(mode, image_hw)
     n_positions = map_h * map_w
-    chunks = []
-    for lo in range(0, batch * n_positions, max_forward):
-        pairs = torch.arange(lo, min(lo + max_forward, batch * n_positions),
-                             device=images.device)
-        masks = ablation_masks(mode, size, image_hw, pairs % n_positions)
-        logits = model(encode(images[pairs // n_positions], masks))
-        chunks.append(logits.float().softmax(dim=1) >= threshold)
-    votes = torch.cat(chunks).view(batch, n_positions, -1)
+    block = forward_block_size(images, max_forward)
+    both = torch.cat([images, 1 - images], dim=1)  # (B, 2C, H, W)
+    if n_positions <= block:
+        keep = ablation_masks(mode, size, image_hw, device=images.device)
+        keep = keep.to(images.dtype).unsqueeze(1)  # (P, 1, H, W)
+        per = block // n_positions
+        for lo in range(0, batch, per):
+            yield (both[lo:lo + per, None] * keep).flatten(0, 1)
+        return
+    for i in range(batch):
+        for lo in range(0, n_positions, block):
+            positions = torch.arange(lo, min(lo + block, n_positions), device=images.device)
+            keep = ablation_masks(mode, size, image_hw, positions).to(images.dtype)
+            yield both[i] * keep.unsqueeze(1)
+
+
+@torch.no_grad()
+def smoothed_votes(model: nn.Module, images: Tensor, mode: str, size: int, threshold: float,
+                   max_forward: int = MAX_FORWARD) -> Tensor:
+    """Vote map, bool (B, classes, h, w): softmax >= threshold for every ablation position.
+
+    All (image, position) pairs go through the model in blocks (``ablated_blocks``), so memory
+    stays bounded even for block smoothing.
+    """
+    batch = images.shape[0]
+    map_h, map_w = vote_map_hw(mode, (images.shape[-2], images.shape[-1]))
+    chunks = [model(inputs).float().softmax(dim=1) >= threshold
+              for inputs in ablated_blocks(images, mode, size, max_forward)]
+    votes = torch.cat(chunks).view(batch, map_h * map_w, -1)
     return votes.transpose(1, 2).reshape(batch, -1, map_h, map_w)
 
 
@@ -157,6 +199,7 @@ class Smoothing(Defense):
     Config = SmoothingConfig
     config: SmoothingConfig
     train_defaults = {"epochs": 12, "batch_size": 128, "crop_padding": 2}
+    certify_params = frozenset({"threshold"})  # softmax cut-off: applied after training
 
     def __init__(self, config: SmoothingConfig | None = None, **params) -> None:
         super().__init__(config, **params)
@@ -195,6 +238,28 @@ class Smoothing(Defense):
         c = self.config
         return smoothed_votes(model, images, self.mode, c.ablation_size, c.threshold,
                               self.max_forward)
+
+    def touched_cells(self, image_hw: tuple[int, int], boxes: Tensor) -> Tensor:
+        """Ablations whose kept pixels meet each patch box (top, left, height, width): bool
+        (N, h, w), from the ablation masks themselves rather than through ``footprints``, so
+        that the patch attack can check the two against each other."""
+        kept = ablation_masks(self.mode, self.config.ablation_size, image_hw,
+                              device=boxes.device).flatten(1).float()
+        patch = box_masks(boxes, image_hw).flatten(1).float()
+        return (patch @ kept.T > 0).view(-1, *vote_map_hw(self.mode, image_hw))
+
+    def soft_votes(self, model: nn.Module, images: Tensor, cells: Tensor) -> Tensor:
+        """``sigmoid(log softmax - log theta)`` on the ablations in ``cells`` (bool N, h, w), 0
+        elsewhere: the vote ``softmax >= theta`` relaxed for the patch attack's gradient. Only
+        the asked ablations are run, so a patch costs the ablations it touches, not all."""
+        n, _, height, width = images.shape
+        which, positions = cells.reshape(n, -1).nonzero(as_tuple=True)
+        masks = ablation_masks(self.mode, self.config.ablation_size, (height, width), positions)
+        logits = model(encode(images[which], masks)).float()
+        soft = torch.sigmoid(F.log_softmax(logits, dim=1) - math.log(self.config.threshold))
+        flat = soft.new_zeros(cells.numel(), soft.shape[1]).index_put(
+            (which * cells[0].numel() + positions,), soft)
+        return flat.view(*cells.shape, -1).permute(0, 3, 1, 2)
 
     def footprints(self, patch: PatchShape, image_hw: tuple[int, int]) -> Footprints:
         rows_ablated, cols_ablated = ABLATED_AXES[self.mode]

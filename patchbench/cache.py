@@ -15,6 +15,10 @@ from pathlib import Path
 from patchbench.defense import Defense
 from patchbench.train import TrainConfig
 
+DEFAULT_RECIPE = TrainConfig()
+# Recipe fields that existed when the first checkpoints were named: always in the key.
+LEGACY_RECIPE_FIELDS = ("epochs", "batch_size", "seed", "crop_padding", "hflip", "schedule",
+                        "max_images")
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
@@ -23,9 +27,15 @@ def cache_dir() -> Path:
 
 
 def model_key(defense: Defense, dataset: str, train_config: TrainConfig) -> str:
-    """A stable name for (defense, parameters, dataset, training recipe)."""
-    blob = json.dumps({"defense": defense.name, "params": defense.params(), "dataset": dataset,
-                       "train": asdict(train_config)}, sort_keys=True)
+    """A stable name for what determines the trained weights: defense, training parameters,
+    dataset and recipe. Certification-only parameters (``Defense.certify_params``) are left
+    out, so sweeping them reuses one model; so are recipe fields at their defaults, so adding
+    a field to ``TrainConfig`` does not rename every existing checkpoint."""
+    params = {k: v for k, v in defense.params().items() if k not in defense.certify_params}
+    recipe = {k: v for k, v in asdict(train_config).items()
+              if k in LEGACY_RECIPE_FIELDS or v != getattr(DEFAULT_RECIPE, k)}
+    blob = json.dumps({"defense": defense.name, "params": params, "dataset": dataset,
+                       "train": recipe}, sort_keys=True)
     return f"{dataset}-{defense.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 

@@ -15,14 +15,14 @@ minus right-hand side over classes and footprints; an image is certified iff mar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from patchbench.footprints import Footprints
+from patchbench.footprints import Footprints, Interval
 
 CONDITIONS = ("tight", "global")
 
@@ -63,8 +63,10 @@ def certify_votes(votes: Tensor, footprints: Sequence[Footprints],
     for fp in footprints:
         if fp.map_hw != (h, w):
             raise ValueError(f"footprints for a {fp.map_hw} map, votes are {h}x{w}")
-    votes = votes.to(torch.int32)
-    counts = votes.sum(dim=(2, 3), dtype=torch.int64)
+    if votes.dtype != torch.bool:
+        votes = votes != 0
+    # summing bytes as int32 is twice as fast as letting sum() widen bools to int64
+    counts = votes.view(torch.uint8).sum(dim=(2, 3), dtype=torch.int32).to(torch.int64)
     prediction = counts.argmax(dim=1)  # first maximum: ties go to the smallest index
     # tiebreak[b, c] = 1 where class c < y would win a tie
     classes = torch.arange(n_classes, device=votes.device)
@@ -89,62 +91,171 @@ def _tight_margins(votes: Tensor, footprints: Sequence[Footprints], prediction: 
                    lead: Tensor, not_pred: Tensor, max_elements: int, big: int) -> Tensor:
     """min over R and c != y of  lead_c + a_c(R) - a_y(R) - |R|,  as (B, S).
 
-    Only *contenders* are box-summed: a class with lead_c >= max_R (a_y(R) + |R|) cannot win
-    in any footprint (a_c >= 0), and enters the minimum with that lower bound instead. So a
-    negative margin is exact, a non-negative one a lower bound of the exact margin, and the
-    certified flag is exact either way; with many classes, few are ever contenders.
+    Only *contenders* get exact box sums: a class with lead_c >= max_R (a_y(R) + |R|) cannot
+    win in any footprint (a_c >= 0), and enters the minimum with that lower bound instead. So
+    a negative margin is exact, a non-negative one a lower bound of the exact margin, and the
+    certified flag is exact either way. Where most classes are contenders (an untrained or
+    uncertain model) every class is box-summed at once; where few are (many classes), only
+    the contending (image, class) pairs are.
+
+    The box sums run over the integral image of ``V_c - V_y`` (so a_c(R) - a_y(R) is one box
+    sum), only over *maximal* footprints (see ``_plan``), and as slices of that integral image
+    over runs of equal-length intervals with consecutive starts, never as gathers. Values are
+    int16 where the map is small enough for them to be exact, else int32.
     """
     batch, n_classes, h, w = votes.shape
-    out = torch.empty(batch, len(footprints), dtype=torch.int64, device=votes.device)
-    wrap_h = max((max(n for _, n in fp.rows) for fp in footprints if fp.cyclic), default=1) - 1
-    wrap_w = max((max(n for _, n in fp.cols) for fp in footprints if fp.cyclic), default=1) - 1
-    cells_per_image = n_classes * (h + wrap_h + 1) * (w + wrap_w + 1)
+    plans = [_plan(fp) for fp in footprints]
+    wrap_h = max(0, max(p.end_rows for p in plans) - h)
+    wrap_w = max(0, max(p.end_cols for p in plans) - w)
+    hp, wp = h + wrap_h + 1, w + wrap_w + 1
+    small = torch.int16 if 2 * hp * wp < 1 << 15 else torch.int32
+    out = torch.empty(batch, len(plans), dtype=torch.int64, device=votes.device)
+    cells_per_image = n_classes * hp * wp
     chunk = max(1, max_elements // cells_per_image)
     for lo in range(0, batch, chunk):
         sl = slice(lo, lo + chunk)
-        integral = _integral(votes[sl], wrap_h, wrap_w)
-        for s, fp in enumerate(footprints):
-            out[sl, s] = _shape_margin(integral, fp, prediction[sl], lead[sl], not_pred[sl],
-                                       max_elements, big)
+        out[sl] = _chunk_margins(votes[sl], plans, prediction[sl], lead[sl], not_pred[sl],
+                                 (wrap_h, wrap_w), small, max_elements, big)
     return out
 
 
-def _integral(votes: Tensor, wrap_h: int, wrap_w: int) -> Tensor:
-    """Integral image (B, C, h+wrap_h+1, w+wrap_w+1), circularly extended for wrapping."""
-    if wrap_h or wrap_w:
-        votes = torch.cat([votes, votes[:, :, :wrap_h]], dim=2)
-        votes = torch.cat([votes, votes[:, :, :, :wrap_w]], dim=3)
-    integral = votes.cumsum(dim=2, dtype=torch.int32).cumsum(dim=3, dtype=torch.int32)
-    return F.pad(integral, (1, 0, 1, 0))
-
-
-def _box_sums(integral: Tensor, fp: Footprints) -> Tensor:
-    """Votes inside every footprint: (..., H', W') integral images -> (..., rows * cols)."""
-    device = integral.device
-    r0 = torch.tensor([r for r, _ in fp.rows], device=device)
-    r1 = r0 + torch.tensor([n for _, n in fp.rows], device=device)
-    c0 = torch.tensor([c for c, _ in fp.cols], device=device)
-    c1 = c0 + torch.tensor([n for _, n in fp.cols], device=device)
-    bands = integral.index_select(-2, r1) - integral.index_select(-2, r0)  # separable
-    return (bands.index_select(-1, c1) - bands.index_select(-1, c0)).flatten(-2)
-
-
-def _shape_margin(integral: Tensor, fp: Footprints, prediction: Tensor, lead: Tensor,
-                  not_pred: Tensor, max_elements: int, big: int) -> Tensor:
-    b = integral.shape[0]
-    sizes = torch.tensor([rn * cn for _, rn in fp.rows for _, cn in fp.cols],
-                         dtype=torch.int32, device=integral.device)
-    own = integral[torch.arange(b, device=integral.device), prediction]  # (b, H', W')
-    loss = _box_sums(own, fp) + sizes  # a_y(R) + |R|, (b, F), int32
-    bound = lead - loss.amax(dim=1, keepdim=True)  # margin lower bound per class, int64
-    contender = not_pred & (bound < 0)
-    worst = bound.masked_fill(~not_pred | contender, big).amin(dim=1)
-    images, classes = contender.nonzero(as_tuple=True)
-    lead32 = lead.to(torch.int32)
-    per_chunk = max(1, max_elements // max(1, loss.shape[1]))
-    for lo in range(0, len(images), per_chunk):
+def _chunk_margins(votes: Tensor, plans: list[_Plan], prediction: Tensor, lead: Tensor,
+                   not_pred: Tensor, wrap: tuple[int, int], small: torch.dtype,
+                   max_elements: int, big: int) -> Tensor:
+    b, n_classes, h, w = votes.shape
+    # Map axes outermost, (image, class) innermost: every box sum below is then a difference
+    # of contiguous blocks, however small the map (a 28 x 1 row map included).
+    own = votes[torch.arange(b, device=votes.device), prediction]  # V_y, (b, h, w)
+    own = own.permute(1, 2, 0).to(small, memory_format=torch.contiguous_format)  # (h, w, b)
+    own_integral = _integral(own, *wrap)
+    bounds, contenders = [], []
+    for plan in plans:  # lead_c - max_R (a_y(R) + |R|): a lower bound of each class's margin
+        most = _extreme(own_integral, plan, maximum=True, max_elements=max_elements)
+        bound = lead - most[:, None]
+        bounds.append(bound)
+        contenders.append(not_pred & (bound < 0))
+    union = torch.stack(contenders).any(dim=0)  # (b, C)
+    n_union = int(union.sum())
+    out = torch.stack([bound.masked_fill(~not_pred | cont, big).amin(dim=1)
+                       for bound, cont in zip(bounds, contenders, strict=True)], dim=1)
+    if n_union == 0:
+        return out
+    hp, wp = own_integral.shape[:2]
+    if 2 * n_union > b * (n_classes - 1) and b * n_classes * hp * wp <= max_elements:
+        # most classes contend: box-sum all of them, no gathers
+        diff = votes.permute(2, 3, 0, 1).to(small, memory_format=torch.contiguous_format)
+        integral = _integral(diff.sub_(own[..., None]), *wrap)  # of V_c - V_y, (H', W', b, C)
+        for s, plan in enumerate(plans):
+            exact = lead + _extreme(integral, plan, maximum=False, max_elements=max_elements)
+            exact = exact.masked_fill(~contenders[s], big).amin(dim=1)
+            out[:, s] = torch.minimum(out[:, s], exact)
+        return out
+    images, classes = union.nonzero(as_tuple=True)
+    per_chunk = max(1, max_elements // (hp * wp))
+    for lo in range(0, n_union, per_chunk):
         bi, ci = images[lo:lo + per_chunk], classes[lo:lo + per_chunk]
-        gain = _box_sums(integral[bi, ci], fp)  # a_c(R), (k, F)
-        margin = (gain - loss[bi]).amin(dim=1) + lead32[bi, ci]
-        worst = worst.scatter_reduce(0, bi, margin.to(torch.int64), reduce="amin")
-    return worst
+        diff = votes[bi, ci].permute(1, 2, 0).to(small, memory_format=torch.contiguous_format)
+        integral = _integral(diff.sub_(own[:, :, bi]), *wrap)  # (H', W', k)
+        for s, plan in enumerate(plans):
+            exact = lead[bi, ci] + _extreme(integral, plan, maximum=False,
+                                            max_elements=max_elements)
+            exact = exact.masked_fill(~contenders[s][bi, ci], big)
+            out[:, s] = out[:, s].scatter_reduce(0, bi, exact, reduce="amin")
+    return out
+
+
+def _integral(cells: Tensor, wrap_h: int, wrap_w: int) -> Tensor:
+    """Integral image (h+wrap_h+1, w+wrap_w+1, ...) of (h, w, ...), extended circularly by
+    ``wrap_h`` rows and ``wrap_w`` columns for footprints that wrap."""
+    if wrap_h:
+        cells = torch.cat([cells, cells[:wrap_h]], dim=0)
+    if wrap_w:
+        cells = torch.cat([cells, cells[:, :wrap_w]], dim=1)
+    integral = cells.new_zeros((cells.shape[0] + 1, cells.shape[1] + 1) + cells.shape[2:])
+    integral[1:, 1:] = cells.cumsum(dim=0, dtype=cells.dtype).cumsum(dim=1, dtype=cells.dtype)
+    return integral
+
+
+def _extreme(integral: Tensor, plan: _Plan, maximum: bool, max_elements: int) -> Tensor:
+    """Over the footprints R of ``plan``: max of (box sum + |R|) if ``maximum``, else min of
+    (box sum - |R|); (H', W', ...) integral images -> (...) int64.
+
+    Each run of row intervals is a slice difference of the integral image (row bands), each
+    run of column intervals a slice difference of those; row runs are split so that one band
+    block stays below ``max_elements`` values.
+    """
+    wp, inner = integral.shape[1], integral[0, 0].numel()
+    rows_per_block = max(1, max_elements // max(1, inner * wp))
+    sign = 1 if maximum else -1
+    best: Tensor | None = None
+    for r0, r_len, r_count in plan.row_runs:
+        for a in range(0, r_count, rows_per_block):
+            s0, k = r0 + a, min(rows_per_block, r_count - a)
+            bands = integral[s0 + r_len:s0 + r_len + k] - integral[s0:s0 + k]
+            for c0, c_len, c_count in plan.col_runs:
+                boxes = bands[:, c0 + c_len:c0 + c_len + c_count] - bands[:, c0:c0 + c_count]
+                value = (boxes.amax(dim=(0, 1)) if maximum else
+                         boxes.amin(dim=(0, 1))).to(torch.int64) + sign * r_len * c_len
+                best = value if best is None else (
+                    torch.maximum(best, value) if maximum else torch.minimum(best, value))
+    assert best is not None
+    return best
+
+
+Run = tuple[int, int, int]  # (first start, length, count): intervals start, start+1, ...
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The maximal footprints of one shape, as runs of intervals on each axis.
+
+    A footprint inside another is dominated: for R ⊂ R', a_c(R') - a_y(R') - |R'| <=
+    a_c(R) - a_y(R) - |R| (each extra cell adds a_c <= 1, a_y >= 0 and 1 to |R|), and
+    a_y(R') + |R'| >= a_y(R) + |R|; so both the margin and its bound only need footprints
+    that no other contains, i.e. the product of the maximal intervals of each axis.
+    """
+
+    row_runs: tuple[Run, ...]
+    col_runs: tuple[Run, ...]
+    end_rows: int  # one past the last row any interval reaches (> h where intervals wrap)
+    end_cols: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(fp: Footprints) -> _Plan:
+    h, w = fp.map_hw
+    rows = _runs(_maximal(fp.rows, h, fp.cyclic))
+    cols = _runs(_maximal(fp.cols, w, fp.cyclic))
+    return _Plan(rows, cols, max(s + n + k - 1 for s, n, k in rows),
+                 max(s + n + k - 1 for s, n, k in cols))
+
+
+def _maximal(intervals: tuple[Interval, ...], n: int, cyclic: bool) -> list[Interval]:
+    """The intervals no other one contains (of equal ones, the first)."""
+    # a full cyclic interval is the same set from any start: start it at 0 (no wrapping)
+    cells = [(0, length) if cyclic and length == n else (start, length)
+             for start, length in intervals]
+
+    def inside(a: Interval, b: Interval) -> bool:
+        if a[1] == 0 or (cyclic and b[1] == n):
+            return True
+        offset = (a[0] - b[0]) % n if cyclic else a[0] - b[0]
+        return offset >= 0 and offset + a[1] <= b[1]
+
+    kept = []
+    for i, a in enumerate(cells):
+        if not any(inside(a, b) and (not inside(b, a) or j < i)
+                   for j, b in enumerate(cells) if j != i):
+            kept.append(a)
+    return kept
+
+
+def _runs(intervals: list[Interval]) -> tuple[Run, ...]:
+    """Group intervals into runs of equal length and consecutive starts."""
+    runs: list[list[int]] = []
+    for start, length in sorted(set(intervals), key=lambda iv: (iv[1], iv[0])):
+        if runs and runs[-1][1] == length and runs[-1][0] + runs[-1][2] == start:
+            runs[-1][2] += 1
+        else:
+            runs.append([start, length, 1])
+    return tuple((s, n, k) for s, n, k in runs)

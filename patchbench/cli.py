@@ -5,20 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import pandas as pd
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from patchbench import __version__
+from patchbench.attack import (
+    AttackBudget,
+    AttackUnsupportedError,
+    attack_split,
+    summarize_attack,
+    write_attack_cell,
+)
 from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
 from patchbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
 from patchbench.defense import Defense, UnknownDefenseError, get_defense, registered_defenses
-from patchbench.evaluate import certify_split, summarize
 from patchbench.options import DeviceType, PatchListType, flatten_patches, parse_extra_params
 from patchbench.patches import check_fits
-from patchbench.results import ResultsError, write_cell
+from patchbench.report import build_report
+from patchbench.results import ResultsError, load_results
+from patchbench.selection import select_setting
+from patchbench.sweep import BACKENDS, SweepError, run_sweep
 from patchbench.train import TrainConfig, train
 
 # Errors a user can cause: shown as one line, never as a traceback.
@@ -87,6 +97,8 @@ TRAIN_OPTIONS = {  # option name -> (TrainConfig field, type, help)
                      "Random-crop augmentation padding in pixels."),
     "max-train-images": ("max_images", click.IntRange(min=0),
                          "Train on the first N images only (0: all)."),
+    "hold-out-val": ("hold_out_val", click.BOOL,
+                     "yes: leave the 'val' split out of training, to select settings on it."),
 }
 
 
@@ -98,10 +110,14 @@ def train_options(fn):
     return fn
 
 
+def train_overrides(kwargs: dict) -> dict:
+    """The TrainConfig fields given on the command line."""
+    return {field: kwargs[name.replace("-", "_")] for name, (field, _, _) in
+            TRAIN_OPTIONS.items() if kwargs[name.replace("-", "_")] is not None}
+
+
 def make_train_config(defense: Defense, kwargs: dict) -> TrainConfig:
-    given = {field: kwargs[name.replace("-", "_")] for name, (field, _, _) in
-             TRAIN_OPTIONS.items() if kwargs[name.replace("-", "_")] is not None}
-    return TrainConfig(**{**defense.train_defaults, **given})
+    return TrainConfig(**{**defense.train_defaults, **train_overrides(kwargs)})
 
 
 def make_defense(name: str, extra_args: list[str]) -> Defense:
@@ -156,27 +172,157 @@ def parse_conditions(ctx, param, value: str) -> list[str]:
 
 
 @cli.command("run", context_settings=EXTRA_ARGS)
-@click.option("--defense", "defense_name", required=True, help="A registered defense name.")
+@click.option("--defense", "defense_lists", multiple=True, required=True,
+              help="Registered defense names, comma list (repeatable).")
 @click.option("--patch", "patch_lists", type=PatchListType(), multiple=True, required=True,
               help="Patch shapes, e.g. 5x5,2x12 (repeatable).")
 @click.option("--condition", default=",".join(CONDITIONS), show_default=True,
               callback=parse_conditions, help="Certification conditions.")
 @dataset_options
 @click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
-@click.option("--n-images", type=click.IntRange(min=1), help="Certify the first N images only.")
-@click.option("--device", type=DeviceType(), default="auto", show_default=True)
+@click.option("--n-images", type=click.IntRange(min=1),
+              help="Certify the first N images only [default: the whole split].")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="With --backend ray, each worker resolves it (one GPU per cell on CUDA).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Certify this checkpoint instead of the configuration's cached one.")
+@click.option("--force", is_flag=True, help="Recompute finished cells (their files are replaced).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
+              help="local: joblib processes on this machine; ray: Ray's joblib backend.")
+@click.option("--n-jobs", type=click.IntRange(min=1),
+              help="Cells at once [default: 1 locally; on Ray, the cluster's GPUs (CUDA) or "
+                   "CPUs].")
+@click.option("--ray-address", help="Ray cluster to join, e.g. auto or HOST:6379 [default: "
+                                    "RAY_ADDRESS, else a new local instance].")
 @train_options
 @click.pass_context
-def run_command(ctx: click.Context, defense_name: str, patch_lists, condition: list[str],
-                dataset: str, data_dir: Path | None, download: bool, split: str,
-                n_images: int | None, device: torch.device, batch_size: int, results_dir: Path,
-                checkpoint: Path | None, **kwargs) -> None:
-    """Load (or train) a defense's model and certify a split for every patch shape."""
+def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
+                condition: list[str], dataset: str, data_dir: Path | None, download: bool,
+                split: str, n_images: int | None, device: str, batch_size: int,
+                results_dir: Path, checkpoint: Path | None, force: bool, backend: str,
+                n_jobs: int | None, ray_address: str | None, **kwargs) -> None:
+    """Certify every model configuration of a sweep, training missing models.
+
+    Defense parameters follow as --name value or --name v1,v2 (e.g. --rf 5,7,9); the
+    cartesian product gives the cells. Finished cells are skipped (--force recomputes).
+    """
+    params = {k: v.split(",") for k, v in parse_extra_params(ctx.args).items()}
+    try:
+        frame = run_sweep(list(defense_lists), flatten_patches(patch_lists), dataset, params,
+                          split=split, n_images=n_images, conditions=condition,
+                          train=train_overrides(kwargs), results_dir=results_dir, force=force,
+                          device=device, batch_size=batch_size, data_dir=data_dir,
+                          download=download, checkpoint=checkpoint, backend=backend,
+                          n_jobs=n_jobs, ray_address=ray_address)
+    except SweepError as err:
+        if err.option:
+            raise click.BadParameter(str(err), param_hint=f"'{err.option}'") from None
+        raise click.UsageError(str(err)) from None
+    show_summary(frame, list(params))
+    cells = frame.drop_duplicates("cell")
+    counts = cells["status"].value_counts()
+    click.echo(f"results: {results_dir / 'rows'} ({len(cells)} cells: "
+               + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("computed", "skipped", "failed"))
+               + ")", err=True)
+    if counts.get("failed", 0):
+        click.echo(f"Error: {counts['failed']} of {len(cells)} cells failed (reasons in "
+                   f"{results_dir / 'failed'})", err=True)
+        ctx.exit(3)
+
+
+def show_summary(frame: pd.DataFrame, swept: list[str]) -> None:
+    """One table for the whole sweep: a row per cell, patch shape and condition."""
+    columns = [f"param_{k}" for k in swept if f"param_{k}" in frame]
+    n_images = ", ".join(str(n) for n in frame["n_images"].dropna().astype(int).unique())
+    table = Table("defense", *(c.removeprefix("param_") for c in columns), "patch",
+                  "condition", "clean", "certified", "status",
+                  title=f"{frame['cell'].nunique()} cells, {n_images} images each")
+    for row in frame.to_dict("records"):
+        done = row["status"] != "failed"
+        table.add_row(row["defense"], *(_value(row[c]) for c in columns),
+                      *((row["patch"], row["condition"], f"{row['clean_accuracy']:.1%}",
+                         f"{row['certified_accuracy']:.1%}") if done else ("",) * 4),
+                      row["status"])
+    Console().print(table)
+
+
+def _value(value) -> str:
+    """A parameter as typed (columns that mix defenses turn ints into floats)."""
+    if pd.isna(value):
+        return ""
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+@cli.command("report")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("reports"), show_default=True, help="Folder of report.md.")
+@click.option("--dataset", help="Only these datasets (comma list).")
+@click.option("--defense", help="Only these defenses (comma list).")
+@click.option("--gallery-images", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Gallery images per configuration (0: no gallery).")
+def report_command(results_dir: Path, out_dir: Path, dataset: str | None, defense: str | None,
+                   gallery_images: int) -> None:
+    """Tables, figures and findings of a results folder: report.md, CSV and LaTeX."""
+    click.echo(str(build_report(results_dir, out_dir, dataset, defense, gallery_images)))
+
+
+ATTACK_OPTIONS = {  # option name -> (AttackBudget field, type, help)
+    "steps": ("steps", click.IntRange(min=0), "PGD steps per restart."),
+    "restarts": ("restarts", click.IntRange(min=1), "Random starts per patch position."),
+    "step-size": ("step_size", click.FloatRange(min=0, min_open=True),
+                  "Signed-gradient step, in pixel units."),
+    "position-stride": ("position_stride", click.IntRange(min=1),
+                        "Grid of patch positions: every Nth top and left, and the last (1: all)."),
+    "worst-positions": ("worst_positions", click.IntRange(min=0),
+                        "Also the N positions per image with the smallest certified margin."),
+    "chunk-cells": ("chunk_cells", click.IntRange(min=1),
+                    "Relaxed vote cells per PGD batch (bounds memory)."),
+    "attack-seed": ("seed", int, "Seed of the random starts."),
+}
+
+
+def attack_options(fn):
+    """The attack budget; defaults are those of ``patchbench.attack.AttackBudget``."""
+    defaults = AttackBudget()
+    for name, (field, kind, help_text) in reversed(ATTACK_OPTIONS.items()):
+        fn = click.option(f"--{name}", type=kind, default=getattr(defaults, field),
+                          show_default=True, help=help_text)(fn)
+    return fn
+
+
+@cli.command("attack", context_settings=EXTRA_ARGS)
+@click.option("--defense", "defense_name", required=True, help="A registered defense name.")
+@click.option("--patch", "patch_lists", type=PatchListType(), multiple=True, required=True,
+              help="Patch shapes, e.g. 5x5,2x12 (repeatable).")
+@dataset_options
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@click.option("--n-images", type=click.IntRange(min=1),
+              help="Attack the first N images only [default: the whole split].")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images voted on and certified at once.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results"), show_default=True)
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Attack this checkpoint instead of the configuration's trained one.")
+@attack_options
+@train_options
+@click.pass_context
+def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: str,
+                   data_dir: Path | None, download: bool, split: str, n_images: int | None,
+                   device: torch.device, batch_size: int, results_dir: Path,
+                   checkpoint: Path | None, **kwargs) -> None:
+    """PGD patch attack on a trained model: empirical robust accuracy next to certified.
+
+    Defense parameters follow as --name value and pick the trained checkpoint (nothing is
+    trained here), or --checkpoint names one. Exit code 4 if the attack changes the prediction
+    of a certified image (a soundness violation); the results are written first.
+    """
     patches = flatten_patches(patch_lists)
     data = load_dataset(dataset, split, data_dir, download).subset(n_images)
     try:
@@ -185,31 +331,140 @@ def run_command(ctx: click.Context, defense_name: str, patch_lists, condition: l
         raise click.BadParameter(str(err), param_hint="'--patch'") from None
     defense = make_defense(defense_name, ctx.args)
     if checkpoint is None:
-        config = make_train_config(defense, kwargs)
-        key = model_key(defense, dataset, config)
-        checkpoint = find_checkpoint(key) or train_and_save(
-            defense, dataset, data_dir, download, config, device, new_checkpoint_path(key))
+        key = model_key(defense, dataset, make_train_config(defense, kwargs))
+        checkpoint = find_checkpoint(key)
+        if checkpoint is None:
+            raise CheckpointError(f"no trained model {key}: train it first (patchbench train "
+                                  f"--defense {defense_name} ...) or pass --checkpoint")
     loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
-    given = parse_extra_params(ctx.args)
-    clash = {k: v for k, v in defense.params().items()
-             if k in given and loaded.defense.params()[k] != v}
+    trained = loaded.defense.params()
+    clash = [k for k in parse_extra_params(ctx.args) if trained[k] != defense.params()[k]]
     if clash:
         raise click.UsageError(f"checkpoint {checkpoint} was trained with "
-                               f"{', '.join(f'{k}={loaded.defense.params()[k]}' for k in clash)}"
-                               f", not {', '.join(f'{k}={v}' for k, v in clash.items())}")
-    evaluation = certify_split(loaded.defense, loaded.model, data, patches, condition,
-                               batch_size, device)
-    summary = summarize(evaluation, patches, condition)
-    path = write_cell(results_dir, loaded, data, summary, evaluation, device)
-    show_summary(defense_name, summary, evaluation.certify_seconds, len(data))
+                               + ", ".join(f"{k}={trained[k]}" for k in clash))
+    budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
+                             for name, (field, _, _) in ATTACK_OPTIONS.items()})
+    try:
+        result = attack_split(loaded.defense, loaded.model, data, patches, budget, batch_size,
+                              device)
+    except AttackUnsupportedError as err:
+        raise click.UsageError(str(err)) from None
+    summary = summarize_attack(result, patches)
+    path = write_attack_cell(results_dir, loaded, data, result, summary, device)
+    table = Table("patch", "clean", "certified (tight)", "certified (global)", "empirical",
+                  "violations", title=f"{defense_name}: {len(data)} images attacked in "
+                                      f"{result.attack_seconds:.1f} s")
+    for row in summary.to_dict("records"):
+        table.add_row(row["patch"], *(f"{row[k]:.1%}" for k in (
+            "clean_accuracy", "certified_accuracy_tight", "certified_accuracy_global",
+            "empirical_accuracy")), str(row["n_violations"]))
+    Console().print(table)
+    click.echo(f"results: {path}", err=True)
+    if result.violations:
+        click.echo(f"Error: soundness violation: {len(result.violations)} certified image(s) "
+                   f"broken; first: {result.violations[0]}", err=True)
+        ctx.exit(4)
+
+
+# --- bench ----------------------------------------------------------------------------------
+
+def precision_option(fn):
+    """``--precision fp32|bf16|fp16``: the floating-point precision votes are computed in."""
+    from patchbench.evaluate import PRECISIONS
+
+    return click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32",
+                        show_default=True,
+                        help="Precision of the model and images the votes come from.")(fn)
+
+
+def parse_int_list(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(dict.fromkeys(int(t) for t in value.split(",")))
+    except ValueError:
+        raise click.BadParameter(f"expected a comma list of integers, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return numbers
+
+
+@cli.command("bench", context_settings=EXTRA_ARGS)
+@click.option("--defense", "defense_names", required=True,
+              help="Registered defense names, comma list.")
+@click.option("--shape", type=click.Choice(["fashion-mnist", "cifar", "imagenet"]),
+              default="fashion-mnist", show_default=True,
+              help="Input shape: 1x28x28, 3x32x32 or 3x224x224 (synthetic pixels).")
+@click.option("--classes", type=click.IntRange(min=2),
+              help="Number of classes [default: 10; 1000 for imagenet].")
+@click.option("--batch-size", "batch_sizes", default="16,64,256", show_default=True,
+              callback=parse_int_list, help="Batch sizes to time, comma list.")
+@click.option("--n-shapes", default="1,20", show_default=True, callback=parse_int_list,
+              help="Numbers of patch shapes to certify at once, comma list (at most 20).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed runs per measurement (the median is reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Untimed runs per measurement first.")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True)
+@precision_option
+@click.option("--channels-last", is_flag=True, help="Model and images in channels-last layout.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--reference/--no-reference", default=None,
+              help="Also time the published-style reference [default: on, except imagenet].")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results/bench"), show_default=True)
+@click.pass_context
+def bench_command(ctx: click.Context, defense_names: str, shape: str, classes: int | None,
+                  batch_sizes: tuple[int, ...], n_shapes: tuple[int, ...], repeats: int,
+                  warmup: int, device: torch.device, precision: str, channels_last: bool,
+                  compile_model: bool, reference: bool | None, results_dir: Path) -> None:
+    """Time certification against the bare forward passes it needs (random weights,
+    synthetic images); defense parameters follow as --name value or --name v1,v2."""
+    from patchbench import bench
+
+    names = [n.strip() for n in defense_names.split(",")]
+    if "" in names:
+        raise click.BadParameter(f"empty defense name in {defense_names!r}",
+                                 param_hint="'--defense'")
+    if max(n_shapes) > 20:
+        raise click.BadParameter("at most 20 patch shapes", param_hint="'--n-shapes'")
+    params = {k: v.split(",") for k, v in parse_extra_params(ctx.args).items()}
+    try:
+        defenses = bench.defense_configurations(names, params)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    settings = bench.BenchSettings(shape=shape, classes=classes, batch_sizes=batch_sizes,
+                                   n_shapes=n_shapes, repeats=repeats, warmup=warmup,
+                                   precision=precision, channels_last=channels_last,
+                                   compile=compile_model, reference=reference)
+    measurements, rows = bench.run_bench(defenses, settings, device,
+                                         log=lambda msg: click.echo(msg, err=True))
+    path = bench.write_bench_rows(results_dir, rows)
+    Console().print(bench.bench_table(measurements, settings, device))
     click.echo(f"results: {path}", err=True)
 
 
-def show_summary(name: str, summary, seconds: float, n_images: int) -> None:
-    table = Table("patch", "condition", "clean", "certified", title=(
-        f"{name}: {n_images} images certified in {seconds:.1f} s"))
-    for row in summary.itertuples():
-        table.add_row(row.patch, row.condition, f"{row.clean_accuracy:.1%}",
-                      f"{row.certified_accuracy:.1%}")
-    Console().print(table)
-
+@cli.command("select")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results/validation"), show_default=True,
+              help="Rows of a sweep certified on the 'val' split.")
+@click.option("--defense", "defense_name", required=True, help="The defense whose rows to use.")
+@click.option("--param", required=True, help="The swept parameter to choose, e.g. threshold.")
+@click.option("--patch", default="5x5", show_default=True, help="Patch shape to optimise for.")
+@click.option("--condition", type=click.Choice(CONDITIONS), default="tight", show_default=True)
+@click.option("--clean-tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+              help="Candidates may lose at most this much clean accuracy to the best one.")
+def select_command(results_dir: Path, defense_name: str, param: str, patch: str, condition: str,
+                   clean_tolerance: float) -> None:
+    """Choose a setting on validation rows: most certified among the near-best clean ones."""
+    rows = load_results(results_dir)
+    try:
+        chosen = select_setting(rows[rows["defense"] == defense_name], param, patch, condition,
+                                clean_tolerance)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    table = Table(param, "clean", f"certified {patch} {condition}", "eligible",
+                  title=f"{defense_name}: {param} = {chosen.value} on {results_dir}")
+    for row in chosen.table.itertuples():
+        table.add_row(str(row.value), f"{row.clean:.1%}", f"{row.certified:.1%}",
+                      "yes" if row.eligible else "no")
+    Console(stderr=True).print(table)
+    click.echo(chosen.value)

@@ -18,7 +18,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# "val" is the last 1/VALIDATION_PARTS of the training files (5,000 of Fashion-MNIST's 60,000):
+# settings such as a vote threshold or an ablation size are chosen on it, never on "test".
+VALIDATION_PARTS = 12
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -50,11 +53,26 @@ class ImageData:
         """The first ``n`` images (all of them when n is None)."""
         if n is None or n >= len(self):
             return self
+        return self.slice(0, n)
+
+    def slice(self, start: int, stop: int, split: str | None = None) -> ImageData:
+        """Images ``start`` .. ``stop - 1``, optionally relabelled as another split."""
         if isinstance(self.dataset, TensorImages):
-            ds: Dataset = TensorImages(self.dataset.images[:n], self.dataset.labels[:n])
+            ds: Dataset = TensorImages(self.dataset.images[start:stop],
+                                       self.dataset.labels[start:stop])
         else:
-            ds = torch.utils.data.Subset(self.dataset, range(n))
-        return ImageData(self.name, self.split, ds, self.in_shape, self.classes)
+            ds = torch.utils.data.Subset(self.dataset, range(start, stop))
+        return ImageData(self.name, split or self.split, ds, self.in_shape, self.classes)
+
+    def without_validation(self) -> ImageData:
+        """The training split minus its ``val`` images, for models tuned on ``val``."""
+        if self.split != "train":
+            raise ValueError(f"only the train split holds validation images, not {self.split!r}")
+        return self.slice(0, len(self) - validation_size(len(self)))
+
+
+def validation_size(n_train: int) -> int:
+    return n_train // VALIDATION_PARTS
 
 
 class TensorImages(Dataset):
@@ -109,7 +127,11 @@ def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = N
         raise KeyError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise KeyError(f"unknown split {split!r}; available: {', '.join(SPLITS)}")
-    return DATASETS[name](split, Path(data_dir) if data_dir else None, download)
+    loader = DATASETS[name]
+    if split == "val":
+        train = loader("train", Path(data_dir) if data_dir else None, download)
+        return train.slice(len(train) - validation_size(len(train)), len(train), "val")
+    return loader(split, Path(data_dir) if data_dir else None, download)
 
 
 # --- fashion-mnist -----------------------------------------------------------------------

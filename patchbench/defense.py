@@ -52,6 +52,9 @@ class Defense(abc.ABC):
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
     # TrainConfig fields of the defense's own recipe (epochs, batch_size, crop_padding, ...)
     train_defaults: ClassVar[dict[str, Any]] = {}
+    # Parameters that only change how a trained model's outputs are read into votes (e.g. a
+    # vote threshold): checkpoints are shared across them and they may differ at certification.
+    certify_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: DefenseConfig | None = None, **params: Any) -> None:
         self.config = config if config is not None else self.Config(**params)

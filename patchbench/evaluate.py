@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from patchbench.certify import certify_votes
 from patchbench.data import ImageData, batches
@@ -27,6 +28,28 @@ class Evaluation:
     certify_seconds: float  # forward passes plus the certification core
 
 
+# --precision: the dtype votes are computed in
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; choose from "
+                         f"{', '.join(PRECISIONS)}") from None
+
+
+def at_precision(model: nn.Module, precision: str) -> nn.Module:
+    """The model with floating-point parameters and buffers in ``precision``: itself for fp32,
+    else a cast copy (so the caller's model is left as it was). Feed it images of that dtype;
+    every layer, BatchNorm included, then runs at that precision."""
+    dtype = precision_dtype(precision)
+    if dtype == torch.float32:
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so that clocks measure finished work."""
     if device.type == "cuda":
@@ -36,23 +59,29 @@ def synchronize(device: torch.device) -> None:
 def certify_split(defense: Defense, model: nn.Module, data: ImageData,
                   patches: Sequence[PatchShape], conditions: Sequence[str],
                   batch_size: int = 256, device: torch.device | str = "cpu",
-                  show_progress: bool = True) -> Evaluation:
-    """Votes once per image, then every shape and condition from the same vote map."""
+                  show_progress: bool = True, precision: str = "fp32") -> Evaluation:
+    """Votes once per image, then every shape and condition from the same vote map.
+
+    ``precision`` (fp32, bf16, fp16): the votes are computed by a copy of the model cast to
+    it, on images cast to it (see ``at_precision``).
+    """
     device = torch.device(device)
+    dtype = precision_dtype(precision)
     check_fits(list(patches), data.in_shape[1:])
     footprints = [defense.footprints(p, data.in_shape[1:]) for p in patches]
-    model = model.to(device).eval()
+    model = at_precision(model.to(device).eval(), precision)
     frames, forward_s, core_s, offset = [], 0.0, 0.0, 0
     with progress_bar(show_progress) as bar, torch.no_grad():
         task = bar.add_task(f"certify {defense.name}", total=len(data), status="")
         for images, labels in batches(data, batch_size):
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, dtype, non_blocking=True)
             synchronize(device)
             t0 = time.perf_counter()
             if defense.certifies_from_votes:
                 votes = defense.votes(model, images)
                 synchronize(device)
                 t1 = time.perf_counter()
+                check_votes(votes, len(labels), data.num_classes, defense.name)
                 cert = certify_votes(votes, footprints, conditions)
             else:  # the escape hatch: the defense certifies on its own
                 t1 = t0
@@ -74,6 +103,17 @@ def certify_split(defense: Defense, model: nn.Module, data: ImageData,
             bar.update(task, advance=len(labels))
     per_image = pd.concat(frames, ignore_index=True)
     return Evaluation(per_image, forward_s, forward_s + core_s)
+
+
+def check_votes(votes: Tensor, n_images: int, n_classes: int, name: str) -> None:
+    """A plugin's malformed vote map must fail loudly, not be certified as something else
+    (a float map would be truncated to 0/1, extra classes would skew the argmax)."""
+    if not (isinstance(votes, Tensor) and votes.dtype == torch.bool and votes.dim() == 4
+            and tuple(votes.shape[:2]) == (n_images, n_classes)):
+        got = (f"{votes.dtype} {tuple(votes.shape)}" if isinstance(votes, Tensor)
+               else type(votes).__name__)
+        raise ValueError(f"defense {name!r} returned malformed votes: expected bool "
+                         f"({n_images}, {n_classes}, h, w), got {got}")
 
 
 def summarize(evaluation: Evaluation, patches: Sequence[PatchShape],

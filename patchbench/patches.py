@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+import torch
+from torch import Tensor
+
 _SHAPE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
@@ -56,3 +59,14 @@ def check_fits(shapes: list[PatchShape], image_hw: tuple[int, int]) -> None:
     for shape in shapes:
         if shape.height > height or shape.width > width:
             raise ValueError(f"patch {shape} does not fit in the {height}x{width} images")
+
+
+def box_masks(boxes: Tensor, image_hw: tuple[int, int]) -> Tensor:
+    """Pixel masks, bool (N, H, W), of patches placed at ``boxes`` (N, 4): top, left, height,
+    width, one placement per row (the attack and the defenses' ``touched_cells`` share it)."""
+    rows = torch.arange(image_hw[0], device=boxes.device)
+    cols = torch.arange(image_hw[1], device=boxes.device)
+    top, left, height, width = boxes.T[:, :, None]
+    in_rows = (rows >= top) & (rows < top + height)
+    in_cols = (cols >= left) & (cols < left + width)
+    return in_rows[:, :, None] & in_cols[:, None, :]

@@ -1,8 +1,9 @@
 """Tidy results: one CSV of rows and one of per-image outcomes per certified model.
 
-Each model evaluation is a *cell* named by a hash of what defines it, written atomically
-(temp file + rename) into ``rows/`` and ``per_image/``, so concurrent or interrupted runs
-never leave half-written files and never overwrite each other's cells.
+Each model evaluation is a *cell* named by a hash of what defines it (``cell_id``), written
+atomically (temp file + rename) into ``rows/`` and ``per_image/``, so concurrent or
+interrupted runs never leave half-written files and never overwrite each other's cells. A
+cell that failed leaves ``failed/<cell>.json`` instead.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import hashlib
 import json
 import platform
 import subprocess
+from dataclasses import fields
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -22,6 +25,7 @@ from patchbench.atomic import atomic_path
 from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData
 from patchbench.evaluate import Evaluation
+from patchbench.train import TrainConfig
 
 
 class ResultsError(OSError):
@@ -45,16 +49,39 @@ def system_info(device: torch.device) -> dict[str, str]:
             **{f"{p}_version": version(p) for p in ("patchbench", "torch", "timm")}}
 
 
-def write_cell(results_dir: Path, checkpoint: Checkpoint, data: ImageData, summary: pd.DataFrame,
-               evaluation: Evaluation, device: torch.device) -> Path:
-    """Add provenance columns to ``summary``, write rows and per-image tables; return rows path."""
+def cell_id(identity: dict[str, Any]) -> str:
+    """A cell's file name: a hash of what defines it, known before any model is loaded."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rows_path(results_dir: Path, cell: str) -> Path:
+    return results_dir / "rows" / f"{cell}.csv"
+
+
+def is_finished(results_dir: Path, cell: str) -> bool:
+    """The rows file is written last, so its presence means the whole cell is on disk."""
+    return rows_path(results_dir, cell).is_file()
+
+
+def prepare(results_dir: Path) -> None:
+    """Create the folders up front: an unwritable folder fails before any model is trained."""
+    try:
+        for sub in ("rows", "per_image", "failed"):
+            (results_dir / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ResultsError(f"cannot create results folder {results_dir}: {err.strerror}") from None
+
+
+def write_cell(results_dir: Path, cell: str, checkpoint: Checkpoint, data: ImageData,
+               summary: pd.DataFrame, evaluation: Evaluation, device: torch.device) -> Path:
+    """Add provenance columns to ``summary``, write per-image then rows; return rows path.
+
+    Each file is replaced atomically, so a re-run (``--force``) or a concurrent run of the
+    same cell leaves one copy, never a duplicate or a half file.
+    """
     defense = checkpoint.defense
     params = defense.params()
-    identity = {"defense": defense.name, "params": params, "dataset": data.name,
-                "split": data.split, "n_images": len(data), "checkpoint": checkpoint.sha256,
-                "patches": list(summary["patch"].unique()),
-                "conditions": list(summary["condition"].unique())}
-    cell = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    train = checkpoint.meta.get("train", {})
     n = len(data)
     rows = summary.assign(
         cell=cell, defense=defense.name, params=json.dumps(params, sort_keys=True),
@@ -63,15 +90,37 @@ def write_cell(results_dir: Path, checkpoint: Checkpoint, data: ImageData, summa
         n_parameters=checkpoint.meta.get("n_parameters", defense.num_parameters(checkpoint.model)),
         certify_seconds=evaluation.certify_seconds, forward_seconds=evaluation.forward_seconds,
         images_per_second=n / evaluation.certify_seconds if evaluation.certify_seconds else 0.0,
-        seed=checkpoint.meta.get("train", {}).get("train_seed", 0),
+        seed=train.get("train_seed", 0),
+        train_config=json.dumps({f.name: train[f"train_{f.name}"] for f in fields(TrainConfig)
+                                 if f"train_{f.name}" in train}, sort_keys=True),
         checkpoint_sha256=checkpoint.sha256,
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **system_info(device))
-    rows_path = results_dir / "rows" / f"{cell}.csv"
     atomic_write_csv(evaluation.per_image.assign(cell=cell),
                      results_dir / "per_image" / f"{cell}.csv.gz")
-    atomic_write_csv(rows, rows_path)
-    return rows_path
+    path = rows_path(results_dir, cell)
+    atomic_write_csv(rows, path)
+    failure_path(results_dir, cell).unlink(missing_ok=True)
+    return path
+
+
+def failure_path(results_dir: Path, cell: str) -> Path:
+    return results_dir / "failed" / f"{cell}.json"
+
+
+def write_failure(results_dir: Path, cell: str, identity: dict[str, Any], reason: str,
+                  detail: str) -> Path:
+    """Record why a cell failed (its last attempt); a later success removes the record."""
+    path = failure_path(results_dir, cell)
+    record = {"cell": cell, "identity": identity, "reason": reason, "traceback": detail,
+              "host": platform.node(),
+              "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    except OSError as err:
+        raise ResultsError(f"cannot write results to {path.parent}: {err.strerror}") from None
+    return path
 
 
 def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -82,6 +131,13 @@ def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
         raise ResultsError(f"cannot write results to {path.parent}: {err.strerror}") from None
 
 
+def read_rows(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise ResultsError(f"malformed results file {path}: {err}") from None
+
+
 def load_results(results_dir: str | Path) -> pd.DataFrame:
     """All rows of a results folder as one DataFrame; a clear error if there are none."""
     folder = Path(results_dir) / "rows"
@@ -90,10 +146,19 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     files = sorted(folder.glob("*.csv")) if folder.is_dir() else []
     if not files:
         raise ResultsError(f"results folder {results_dir} holds no result rows")
-    frames = []
-    for path in files:
+    return pd.concat([read_rows(path) for path in files], ignore_index=True)
+
+
+def load_failures(results_dir: str | Path) -> pd.DataFrame:
+    """The failed cells of a results folder that have no rows (cell, reason, identity...)."""
+    folder = Path(results_dir) / "failed"
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         try:
-            frames.append(pd.read_csv(path))
-        except (OSError, ValueError, pd.errors.ParserError) as err:
-            raise ResultsError(f"malformed results file {path}: {err}") from None
-    return pd.concat(frames, ignore_index=True)
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ResultsError(f"malformed failure record {path}: {err}") from None
+        if not is_finished(Path(results_dir), record["cell"]):
+            records.append(record)
+    return pd.DataFrame(records, columns=["cell", "identity", "reason", "traceback", "host",
+                                          "timestamp"])

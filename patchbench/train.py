@@ -24,6 +24,7 @@ class TrainConfig:
     hflip: bool = False
     schedule: str = "cosine"  # "cosine" or "constant" learning rate
     max_images: int = 0  # train on the first N training images only (0: all)
+    hold_out_val: bool = False  # leave the "val" split out of training, to select settings on it
 
 
 def train(defense: Defense, data: ImageData, config: TrainConfig,
@@ -34,6 +35,8 @@ def train(defense: Defense, data: ImageData, config: TrainConfig,
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {config.schedule!r}")
     torch.manual_seed(config.seed)
     device = torch.device(device)
+    if config.hold_out_val:
+        data = data.without_validation()
     data = data.subset(config.max_images or None)
     model = defense.build_model(data.in_shape, data.num_classes).to(device)
     optimizer = defense.optimizer(model)

@@ -389,6 +389,18 @@ def test_subset_takes_the_first_images() -> None:
     assert data.subset(None) is data and data.subset(len(data) + 5) is data
 
 
+def test_val_is_the_tail_of_train_and_held_out_training_never_sees_it() -> None:
+    train, val = load_dataset("synthetic", "train"), load_dataset("synthetic", "val")
+    kept = train.without_validation()
+    assert val.split == "val" and len(val) == len(train) // 12
+    assert len(kept) + len(val) == len(train)
+    images = train.dataset.images
+    assert torch.equal(val.dataset.images, images[len(kept):])
+    assert torch.equal(kept.dataset.images, images[:len(kept)])
+    with pytest.raises(ValueError, match="only the train split"):
+        val.without_validation()
+
+
 def image_ids(images: torch.Tensor) -> list[int]:
     """A fingerprint per image, to compare multisets of images regardless of order."""
     weights = torch.arange(1, images[0].numel() + 1, dtype=torch.float64)
@@ -437,4 +449,4 @@ def test_unknown_dataset_names_the_available_ones() -> None:
 def test_unknown_split_names_the_available_ones() -> None:
     with pytest.raises(KeyError) as err:
         load_dataset("synthetic", "validation")
-    assert err.value.args[0] == "unknown split 'validation'; available: train, test"
+    assert err.value.args[0] == "unknown split 'validation'; available: train, val, test"

@@ -40,12 +40,14 @@ def test_plugin_is_listed_next_to_builtins_and_broken_one_warns(plugin_path):
     assert "Traceback" not in out.stderr
 
 
-def test_naming_the_broken_plugin_is_a_clear_error(plugin_path):
+def test_naming_the_broken_plugin_fails_its_cell_clearly(plugin_path, tmp_path):
     out = patchbench(plugin_path, "run", "--defense", "broken", "--patch", "2x2",
-                     "--dataset", "synthetic")
-    assert out.returncode == 1
+                     "--dataset", "synthetic", "--results-dir", str(tmp_path / "results"))
+    assert out.returncode == 3
     assert "defense 'broken' from patchbench-broken failed to load" in out.stderr
+    assert out.stderr.rstrip().splitlines()[-1].startswith("Error: 1 of 1 cells failed")
     assert "Traceback" not in out.stderr
+    assert len(list((tmp_path / "results" / "failed").glob("*.json"))) == 1
 
 
 def test_plugin_runs_end_to_end(plugin_path, tmp_path):

@@ -1,0 +1,214 @@
+"""The report's gallery: test images, their vote maps, and the patch closest to breaking them.
+
+For one image and one patch shape the tight margin of every footprint ``R`` is
+``min_{c != y} (n_y - a_y(R)) - (n_c - a_c(R)) - |R| - [c < y]`` (certify.py); the footprint
+with the smallest margin is where a patch does the most harm. It is computed exactly from the
+defense's own votes and footprints, so the gallery needs the checkpoint and the images; the
+patch position drawn on the image is one whose footprint is that ``R``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from patchbench.cache import SHIPPED, cache_dir
+from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from patchbench.data import DatasetFormatError, DatasetNotFoundError, ImageData, load_dataset
+from patchbench.defense import Defense
+from patchbench.footprints import Footprints, Interval
+from patchbench.patches import PatchShape, parse_patch
+
+
+class GalleryUnavailable(Exception):
+    """The gallery of one configuration cannot be drawn; the message says why (one line)."""
+
+
+@dataclass
+class Example:
+    """One gallery image with the footprint of smallest tight margin for ``patch``."""
+
+    index: int
+    image: np.ndarray  # (C, H, W) in [0, 1]
+    votes: np.ndarray  # (classes, h, w) bool
+    label: int
+    prediction: int
+    rival: int  # the class that comes closest to winning inside the footprint
+    patch: PatchShape
+    margin: int  # exact tight margin of the worst footprint; certified iff >= 0
+    stored_margin: int | None  # the margin in the per-image table (a lower bound if >= 0)
+    footprint: tuple[Interval, Interval]  # (rows, cols) of cells
+    position: tuple[int, int] | None  # top-left pixel of a patch with that footprint
+    votes_match: bool  # recomputed vote counts equal the stored ones
+
+
+def find_checkpoint_by_hash(sha256: str, dataset: str, defense: str) -> Path | None:
+    """The checkpoint with this content hash in ``checkpoints/`` or the cache, if any.
+
+    Files named like the configuration (``<dataset>-<defense>-*.pt``) are opened first.
+    """
+    files = [p for folder in (SHIPPED, cache_dir() / "checkpoints")
+             for p in sorted(folder.glob("*.pt"))]
+    prefix = f"{dataset}-{defense}-"
+    for path in sorted(files, key=lambda p: not p.name.startswith(prefix)):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable file is simply not the one we look for
+            continue
+        if isinstance(payload, dict) and payload.get("sha256") == sha256:
+            return path
+    return None
+
+
+def worst_footprint(votes: np.ndarray, fp: Footprints) -> tuple[int, int, int, int, int]:
+    """(margin, prediction, rival, row interval index, col interval index) for one image."""
+    counts = votes.sum(axis=(1, 2)).astype(np.int64)
+    y = int(counts.argmax())  # ties to the smallest index, as in the core
+    n_classes = len(counts)
+    lead = counts[y] - counts - (np.arange(n_classes) < y)
+    h, w = fp.map_hw
+    inside = np.empty((n_classes, len(fp.rows), len(fp.cols)), dtype=np.int64)
+    for i, (r0, rn) in enumerate(fp.rows):
+        band = votes[:, (r0 + np.arange(rn)) % h].sum(axis=1)  # (classes, w)
+        for j, (c0, cn) in enumerate(fp.cols):
+            inside[:, i, j] = band[:, (c0 + np.arange(cn)) % w].sum(axis=1)
+    sizes = np.outer([n for _, n in fp.rows], [n for _, n in fp.cols])
+    margin = lead[:, None, None] + inside - inside[y] - sizes[None]
+    margin[y] = np.iinfo(np.int64).max
+    c, i, j = np.unravel_index(margin.argmin(), margin.shape)
+    return int(margin[c, i, j]), y, int(c), int(i), int(j)
+
+
+def axis_intervals(defense: Defense, patch: PatchShape, image_hw: tuple[int, int],
+                   axis: int) -> list[Interval] | None:
+    """Cell interval of every patch position along one axis (list index = first pixel).
+
+    Derived from the defense's footprints alone: on a cyclic map ablation ``j`` keeps pixels
+    ``j .. j+band-1``; on a clipped map each cell sees a pixel interval whose ends grow with
+    the cell index, so the first cell a patch meets depends on its first pixel only (read off
+    the last position of a patch reaching the far border) and the last cell on its last pixel
+    (the first position of a patch starting at 0). None when the result does not reproduce
+    the defense's footprints (a map of some other kind).
+    """
+    n_pixels, side = image_hw[axis], patch[axis]
+
+    def intervals(length: int) -> tuple[tuple[Interval, ...], Footprints]:
+        shape = PatchShape(*(length if a == axis else patch[a] for a in (0, 1)))
+        fp = defense.footprints(shape, image_hw)
+        return (fp.rows if axis == 0 else fp.cols), fp
+
+    own, fp = intervals(side)
+    n_cells, positions = fp.map_hw[axis], range(n_pixels - side + 1)
+    if fp.cyclic:
+        length = own[0][1]
+        band = length - side + 1
+        found = [(0, n_cells) if length >= n_cells else ((q - band + 1) % n_cells, length)
+                 for q in positions]
+    else:
+        def ends(iv: Interval) -> tuple[int, int]:
+            return iv[0], iv[0] + iv[1]
+
+        first = [max(intervals(n_pixels - a)[0], key=ends)[0] for a in range(n_pixels)]
+        last = [sum(min(intervals(b + 1)[0], key=ends)) - 1 for b in range(n_pixels)]
+        found = [(first[q], last[q + side - 1] - first[q] + 1) for q in positions]
+    return found if set(found) == set(own) else None
+
+
+def patch_position(defense: Defense, patch: PatchShape, image_hw: tuple[int, int],
+                   footprint: tuple[Interval, Interval]) -> tuple[int, int] | None:
+    """Top-left pixel of a patch whose footprint is ``footprint`` (None if unknown)."""
+    found = []
+    for axis in (0, 1):
+        per_position = axis_intervals(defense, patch, image_hw, axis)
+        if per_position is None or footprint[axis] not in per_position:
+            return None
+        found.append(per_position.index(footprint[axis]))
+    return found[0], found[1]
+
+
+def gallery_patch(patches: list[str]) -> PatchShape:
+    """5x5 when certified, else the largest square shape, else the largest shape."""
+    shapes = [parse_patch(p) for p in patches]
+    if PatchShape(5, 5) in shapes:
+        return PatchShape(5, 5)
+    squares = [s for s in shapes if s.height == s.width]
+    return max(squares or shapes, key=lambda s: s.area)
+
+
+def pick_images(per_image: pd.DataFrame, patch: PatchShape, n: int) -> list[int]:
+    """Row positions of ``n`` images nearest the certification boundary, correct ones first."""
+    column = next((c for c in (f"margin_tight_{patch}", f"margin_global_{patch}")
+                   if c in per_image), None)
+    closeness = per_image[column].abs() if column else pd.Series(0, index=per_image.index)
+    order = pd.DataFrame({"wrong": per_image["prediction"] != per_image["label"],
+                          "closeness": closeness, "pos": np.arange(len(per_image))})
+    return order.sort_values(["wrong", "closeness", "pos"])["pos"].head(n).tolist()
+
+
+def gallery_examples(results_dir: Path, cell: pd.Series, patches: list[str], n: int,
+                     datasets: dict[tuple[str, str], ImageData]
+                     ) -> tuple[Checkpoint, list[Example]]:
+    """The checkpoint of a results row (``cell``) and ``n`` gallery examples for it.
+
+    ``datasets`` caches loaded splits between configurations.
+    """
+    checkpoint, per_image, data = gallery_inputs(results_dir, cell, datasets)
+    patch = gallery_patch(patches)
+    rows = per_image.iloc[pick_images(per_image, patch, n)]
+    try:
+        images = torch.stack([data.dataset[int(i)][0] for i in rows["index"]])
+    except IndexError:
+        raise GalleryUnavailable(f"its per-image table names images beyond the {len(data)} "
+                                 f"of {data.name} {data.split}") from None
+    with torch.no_grad():
+        votes = checkpoint.defense.votes(checkpoint.model, images).cpu().numpy().astype(bool)
+    image_hw = (images.shape[-2], images.shape[-1])
+    fp = checkpoint.defense.footprints(patch, image_hw)
+    stored_column = f"margin_tight_{patch}"
+    examples = []
+    for k, (_, row) in enumerate(rows.iterrows()):
+        margin, y, rival, i, j = worst_footprint(votes[k], fp)
+        footprint = (fp.rows[i], fp.cols[j])
+        stored = [row.get(f"votes_{c}") for c in range(votes.shape[1])]
+        examples.append(Example(
+            index=int(row["index"]), image=images[k].numpy(), votes=votes[k],
+            label=int(row["label"]), prediction=y, rival=rival, patch=patch, margin=margin,
+            stored_margin=int(row[stored_column]) if stored_column in row else None,
+            footprint=footprint,
+            position=patch_position(checkpoint.defense, patch, image_hw, footprint),
+            votes_match=stored == votes[k].sum(axis=(1, 2)).tolist()))
+    return checkpoint, examples
+
+
+def gallery_inputs(results_dir: Path, cell: pd.Series, datasets: dict[tuple[str, str], ImageData]
+                   ) -> tuple[Checkpoint, pd.DataFrame, ImageData]:
+    """Checkpoint, per-image table and dataset split of a results row; GalleryUnavailable
+    (one line) when one of them is missing or unusable."""
+    sha = cell.get("checkpoint_sha256")
+    if not isinstance(sha, str) or not sha:
+        raise GalleryUnavailable("its rows carry no checkpoint hash")
+    path = find_checkpoint_by_hash(sha, cell["dataset"], cell["defense"])
+    if path is None:
+        raise GalleryUnavailable(f"checkpoint {sha[:12]} is neither in checkpoints/ nor in "
+                                 f"the cache ({cache_dir()})")
+    split = cell.get("split")
+    key = (str(cell["dataset"]), split if isinstance(split, str) else "test")
+    try:
+        checkpoint = load_checkpoint(path)
+        per_image = pd.read_csv(results_dir / "per_image" / f"{cell.get('cell')}.csv.gz")
+        if key not in datasets:
+            datasets[key] = load_dataset(*key)
+    except (CheckpointError, DatasetNotFoundError, DatasetFormatError, OSError, EOFError,
+            KeyError, ValueError) as err:
+        raise GalleryUnavailable(str(err).strip("'").splitlines()[0]) from None
+    if not checkpoint.defense.certifies_from_votes:
+        raise GalleryUnavailable("its certificate is not a vote map")
+    missing = {"index", "label", "prediction"} - set(per_image.columns)
+    if missing or per_image.empty:
+        raise GalleryUnavailable(f"its per-image table lacks {', '.join(sorted(missing))}"
+                                 if missing else "its per-image table is empty")
+    return checkpoint, per_image, datasets[key]

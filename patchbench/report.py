@@ -1,0 +1,342 @@
+"""``patchbench report``: a results folder in; Markdown with tables, figures and findings out.
+
+Everything but the gallery comes from the tidy rows (results.py), so a report can be rebuilt
+at any time without certifying again. The gallery also needs each configuration's checkpoint
+(found by its hash in ``checkpoints/`` or the cache) and its dataset; without them it is
+skipped with a note. Tables are written as CSV (full precision) and LaTeX beside report.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import numbers
+import re
+from collections import Counter
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from patchbench.atomic import atomic_path
+from patchbench.data import ImageData
+from patchbench.gallery import Example, GalleryUnavailable, gallery_examples
+from patchbench.results import ResultsError, load_failures, load_results
+from patchbench.tables import (
+    TIME,
+    Table,
+    accuracy_table,
+    column,
+    conditions_of,
+    configs_table,
+    configurations,
+    findings,
+    gain_table,
+    parse_params,
+    rf_sweep_table,
+    text_column,
+)
+
+IDENTITY = ("defense", "dataset", "patch")
+NUMBERS = ("patch_h", "patch_w", "n_images", "clean_accuracy", "certified_accuracy")
+OPTIONAL_NUMBERS = ("n_parameters", "certify_seconds", "forward_seconds", "robust_accuracy",
+                    "empirical_accuracy")
+# Where an attack row (metric == "empirical") keeps its accuracy: the first column present.
+EMPIRICAL_VALUES = ("robust_accuracy", "empirical_accuracy", "certified_accuracy")
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
+                 dataset: str | None = None, defense: str | None = None,
+                 gallery_images: int = 3) -> Path:
+    """Write ``out_dir/report.md`` with its figures and tables; return its path.
+
+    ``dataset`` and ``defense`` keep only those rows (comma lists allowed). Raises
+    ResultsError, one line, for a missing, empty or malformed results folder, a filter that
+    leaves nothing, or an output folder that cannot be written.
+    """
+    results_dir, out = Path(results_dir), Path(out_dir)
+    rows = select(check_rows(load_results(results_dir), results_dir), results_dir, dataset,
+                  defense)
+    failed = failures(results_dir, dataset, defense)
+    certified, empirical, params = split_and_name(rows, results_dir)
+    filters = " ".join(f"--{k} {v}" for k, v in (("dataset", dataset), ("defense", defense))
+                       if v)
+    try:
+        return write_report(out, results_dir, filters, certified, empirical, params, failed,
+                            gallery_images)
+    except ResultsError:
+        raise
+    except OSError as err:
+        raise ResultsError(f"cannot write the report to {out}: {err.strerror or err}") from None
+
+
+def check_rows(rows: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """The rows with their numbers typed; a one-line error for a malformed file."""
+    missing = [c for c in (*IDENTITY, "condition", *NUMBERS) if c not in rows]
+    if missing:
+        raise ResultsError(f"results in {source} lack column(s) {', '.join(missing)}")
+    good = rows.copy()
+    if good[list(IDENTITY)].isna().any(axis=None):
+        raise ResultsError(f"results in {source} hold rows without a defense, dataset or patch")
+    for name in (*NUMBERS, *OPTIONAL_NUMBERS):
+        if name in good:
+            try:
+                good[name] = pd.to_numeric(good[name])
+            except (TypeError, ValueError):
+                raise ResultsError(f"results in {source}: column {name} holds a value that "
+                                   "is not a number") from None
+    for name in IDENTITY:
+        good[name] = good[name].astype(str)
+    good["patch_area"] = good["patch_h"] * good["patch_w"]
+    return good
+
+
+def select(rows: pd.DataFrame, source: Path, dataset: str | None,
+           defense: str | None) -> pd.DataFrame:
+    """The rows of the asked datasets and defenses; a one-line error when none are left."""
+    kept = rows[wanted(rows["dataset"], dataset) & wanted(rows["defense"], defense)]
+    if kept.empty:
+        raise ResultsError(
+            f"no results in {source} match --dataset {dataset or '*'} --defense "
+            f"{defense or '*'}; it holds datasets {', '.join(sorted(set(rows['dataset'])))} "
+            f"and defenses {', '.join(sorted(set(rows['defense'])))}")
+    return kept
+
+
+def wanted(values: pd.Series, names: str | None) -> pd.Series:
+    """Which values a filter (a comma list, or None for all) keeps."""
+    if not names:
+        return pd.Series(True, index=values.index)
+    return values.isin([n.strip() for n in names.split(",")])
+
+
+def failures(results_dir: Path, dataset: str | None, defense: str | None) -> pd.DataFrame:
+    """The cells of the selection that failed and have no rows (results/failed/)."""
+    failed = load_failures(results_dir)
+    identity = failed["identity"].map(lambda i: i if isinstance(i, dict) else {})
+    failed = failed.assign(defense=identity.map(lambda i: i.get("defense", "?")),
+                           dataset=identity.map(lambda i: i.get("dataset", "?")),
+                           reason=failed["reason"].astype(str).str.split("\n").str[0])
+    failed = failed[wanted(failed["dataset"], dataset) & wanted(failed["defense"], defense)]
+    return failed[["cell", "defense", "dataset", "reason", "timestamp"]].reset_index(drop=True)
+
+
+def split_and_name(rows: pd.DataFrame, source: Path
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
+    """Certified and empirical rows, newest per configuration and shape, named and ordered.
+
+    A configuration is (dataset, defense, parameters, checkpoint); ``params`` maps its key
+    to its parameters. Rows without a ``metric`` column (older files) are certified ones.
+    """
+    sha, text = text_column(rows, "checkpoint_sha256"), text_column(rows, "params")
+    rows = rows.assign(config_key=rows["dataset"] + "|" + rows["defense"] + "|" + text + "|"
+                       + sha, sha=sha)
+    recipe = text_column(rows, "train_config")
+    params, described = {}, {}
+    for key, blob, train in zip(rows["config_key"], text, recipe, strict=True):
+        if key not in params:
+            try:
+                params[key] = parse_params(blob)
+                described[key] = {**parse_params(train), **params[key]}
+            except ValueError:
+                raise ResultsError(f"results in {source} hold malformed params or "
+                                   f"train_config {(blob or train)[:60]!r}") from None
+    names, order = config_names(rows.drop_duplicates("config_key"), described)
+    rows = rows.assign(config=rows["config_key"].map(names),
+                       rank=rows["config_key"].map(order))
+    metric = column(rows, "metric").fillna("certified").astype(str)
+    certified = newest(rows[metric == "certified"], ["config_key", "patch", "condition"])
+    if certified.empty:
+        raise ResultsError(f"results in {source} hold no certified rows for this selection")
+    if certified["condition"].isna().any():
+        raise ResultsError(f"results in {source} hold certified rows without a condition")
+    attacked = rows[metric == "empirical"]
+    value = pd.Series(float("nan"), index=attacked.index)
+    for name in EMPIRICAL_VALUES:
+        value = value.fillna(column(attacked, name))
+    empirical = newest(attacked.assign(empirical_accuracy=value), ["config_key", "patch"])
+    return certified, empirical, params
+
+
+def config_names(configs: pd.DataFrame, params: dict[str, dict]
+                 ) -> tuple[dict[str, str], dict[str, int]]:
+    """Short unique names (the defense and the parameters, or training settings, that vary
+    among its configurations) and a reading order (dataset, defense, those values)."""
+    names, sort_keys = {}, {}
+    for defense, group in configs.groupby("defense", sort=False):
+        keys = list(group["config_key"])
+        varying = [n for n in dict.fromkeys(n for k in keys for n in params[k])
+                   if len({json.dumps(params[k].get(n)) for k in keys}) > 1]
+        for key, dataset in zip(keys, group["dataset"], strict=True):
+            values = [params[key].get(n) for n in varying]
+            names[key] = " ".join([defense, *(f"{n}={v}" for n, v in zip(varying, values,
+                                                                          strict=True))])
+            sort_keys[key] = (dataset, defense, [(0, v) if isinstance(v, int | float) else
+                                                 (1, str(v)) for v in values])
+    if configs["dataset"].nunique() > 1:
+        names = {k: f"{d}: {names[k]}" for k, d in zip(configs["config_key"],
+                                                      configs["dataset"], strict=True)}
+    clashes = Counter(names.values())
+    for key, sha in zip(configs["config_key"], configs["sha"], strict=True):
+        if clashes[names[key]] > 1:
+            names[key] += f" @{sha[:7]}"
+    order = {k: i for i, k in enumerate(sorted(sort_keys, key=lambda k: (sort_keys[k], k)))}
+    return names, order
+
+
+def newest(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per ``keys``: the one of the run with most images, then the newest; in
+    reading order (configuration, patch area, height, condition)."""
+    by = [c for c in ("n_images", "timestamp") if c in rows]
+    kept = rows.sort_values(by, kind="stable", na_position="first").drop_duplicates(
+        keys, keep="last")
+    return kept.sort_values(["rank", "patch_area", "patch_h", "condition"], kind="stable")
+
+
+def write_report(out: Path, results_dir: Path, filters: str, certified: pd.DataFrame,
+                 empirical: pd.DataFrame, params: dict[str, dict], failed: pd.DataFrame,
+                 gallery_images: int) -> Path:
+    from patchbench import figures  # plotting libraries load only when a report is drawn
+
+    configs = configurations(newest(certified, ["config_key"]))
+    accuracy = accuracy_table(certified, empirical)
+    gains = gain_table(accuracy.frame)
+    sweep = rf_sweep_table(certified, configs, params)
+    long = certified.assign(**{figures.CERTIFIED: 100 * certified["certified_accuracy"]})
+    tables, figures_dir = out / "tables", out / "figures"
+    condition = conditions_of(certified)[0]
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    lines = [
+        "# patchbench report", "",
+        f"Results from `{results_dir}`{f' ({filters})' if filters else ''}: "
+        f"{len(configs)} configuration(s) of {', '.join(dict.fromkeys(configs['defense']))} "
+        f"on {', '.join(dict.fromkeys(configs['dataset']))}; {len(certified)} certified "
+        f"rows{f', {len(empirical)} empirical rows' if len(empirical) else ''}. "
+        f"Built {when} by patchbench {version('patchbench')}.", "",
+        "## Findings", "", *(f"- {s}" for s in findings(accuracy.frame, configs, gains,
+                                                         params)), "",
+        "## Configurations", "", *table_lines(configs_table(configs), tables),
+        "## Certified accuracy", "", *table_lines(accuracy, tables)]
+    if (long["patch_h"] == long["patch_w"]).any():
+        figures.patch_size_curves(long, figures_dir / "certified_vs_patch_size.png")
+        lines += figure_lines("Certified accuracy vs square patch size",
+                              "certified_vs_patch_size.png")
+    else:
+        lines += ["_No square patch shape was certified: no patch-size curve._", ""]
+    figures.shape_heatmaps(long, figures_dir / "patch_shapes.png", condition)
+    lines += ["## Patch shapes", "",
+              f"Certified accuracy ({condition}) by patch height and width: a defense robust "
+              "to the aspect ratio has similar values for `h x w` and `w x h`.", "",
+              *figure_lines("Certified accuracy by patch shape", "patch_shapes.png"),
+              "## Receptive-field sweep", ""]
+    lines += (table_lines(sweep, tables) if sweep is not None else
+              ["_No configuration has a receptive-field (`rf`) parameter._", ""])
+    lines += ["## Tight vs global", ""]
+    lines += (table_lines(gains, tables) if gains is not None else
+              ["_Only one condition was certified._", ""])
+    lines += ["## Certification time vs parameters", ""]
+    timed = configs.dropna(subset=["parameters", TIME])
+    if timed.empty:
+        lines += ["_No configuration records both its size and its time._", ""]
+    else:
+        figures.time_vs_parameters(timed.astype({"parameters": float}),
+                                   figures_dir / "time_vs_parameters.png", "parameters", TIME)
+        lines += figure_lines("Certification time vs parameters", "time_vs_parameters.png")
+    lines += gallery_lines(results_dir, certified, configs, gallery_images, figures_dir, tables,
+                           figures.gallery_figure)
+    if not failed.empty:
+        lines += ["## Failed cells", "",
+                  *table_lines(Table("failed", "Cells that failed (no rows)", failed,
+                                     "Details: results/failed/<cell>.json."), tables)]
+    report = out / "report.md"
+    write_text(report, "\n".join(lines))
+    return report
+
+
+def gallery_lines(results_dir: Path, certified: pd.DataFrame, configs: pd.DataFrame, n: int,
+                  figures_dir: Path, tables: Path, draw: Callable[..., None]) -> list[str]:
+    """The gallery section: one figure per configuration whose checkpoint and data are here."""
+    lines = ["## Gallery", "",
+             "Test images nearest the certification boundary, correct ones first. Left: the "
+             "image and the patch position that comes closest to breaking its certificate "
+             "(red); middle and right: the votes of the prediction and of the strongest rival "
+             "class (black: the cell votes for it), with that patch's footprint outlined. A "
+             "margin >= 0 means certified.", ""]
+    if n == 0:
+        return lines + ["_Gallery turned off (`--gallery-images 0`)._", ""]
+    representative = newest(certified, ["config_key"]).set_index("config_key")
+    datasets: dict[tuple[str, str], ImageData] = {}
+    records, notes = [], []
+    for number, (key, name) in enumerate(zip(configs["key"], configs["config"], strict=True)):
+        patches = list(dict.fromkeys(certified.loc[certified["config_key"] == key, "patch"]))
+        try:
+            checkpoint, examples = gallery_examples(results_dir, representative.loc[key],
+                                                    patches, n, datasets)
+        except GalleryUnavailable as err:
+            notes.append(f"- {name}: no gallery, {err}.")
+            continue
+        classes = [str(c) for c in checkpoint.meta["classes"]]
+        path = figures_dir / f"gallery_{number + 1}_{slug(name)}.png"
+        draw(examples, classes, f"{name}: patch {examples[0].patch}", path)
+        lines += figure_lines(f"Gallery of {name}", path.name)
+        records += [gallery_record(name, ex, classes) for ex in examples]
+        if not all(ex.votes_match for ex in examples):
+            notes.append(f"- {name}: recomputed votes differ from the stored ones for some "
+                         "images (another device or checkpoint?).")
+    if records:
+        lines += table_lines(Table("gallery", "Gallery images", pd.DataFrame(records),
+                                   "margin: exact tight margin of the worst footprint; stored "
+                                   "margin: the run's, a lower bound when >= 0."), tables)
+    return lines + notes + ([""] if notes else [])
+
+
+def gallery_record(name: str, ex: Example, classes: list[str]) -> dict:
+    (r0, rn), (c0, cn) = ex.footprint
+    return {"config": name, "image": ex.index, "label": classes[ex.label],
+            "prediction": classes[ex.prediction], "rival": classes[ex.rival],
+            "patch": str(ex.patch), "margin": ex.margin, "stored margin": ex.stored_margin,
+            "footprint rows": f"{r0}+{rn}", "footprint cols": f"{c0}+{cn}",
+            "patch at": "-" if ex.position is None else f"{ex.position[0]},{ex.position[1]}",
+            "votes match": ex.votes_match}
+
+
+def table_lines(table: Table, folder: Path) -> list[str]:
+    """Write the table as CSV and LaTeX; return its Markdown."""
+    write_text(folder / f"{table.name}.csv", table.frame.to_csv(index=False))
+    write_text(folder / f"{table.name}.tex",
+               table.frame.map(lambda v: fmt(v, "--")).to_latex(index=False, escape=True))
+    cells = table.frame.map(fmt)
+    return [f"**{table.title}**", "",
+            "| " + " | ".join(map(str, table.frame.columns)) + " |",
+            "|" + "---|" * len(table.frame.columns),
+            *("| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)), "",
+            *([table.note, ""] if table.note else []),
+            f"[CSV](tables/{table.name}.csv) · [LaTeX](tables/{table.name}.tex)", ""]
+
+
+def figure_lines(caption: str, name: str) -> list[str]:
+    return [f"![{caption}](figures/{name})", ""]
+
+
+def fmt(value: object, missing: str = "–") -> str:
+    """Numbers for reading: one decimal for fractions of a whole, integers as they are."""
+    if isinstance(value, str):
+        return value
+    if value is None or pd.isna(value):
+        return missing
+    if isinstance(value, bool | np.bool_):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    return f"{float(value):.1f}"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

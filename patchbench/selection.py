@@ -1,0 +1,45 @@
+"""Choosing a defense setting (a vote threshold, an ablation size) on validation rows.
+
+Settings are picked on the ``val`` split (carved from the training files, see ``data.py``),
+never on ``test``. The rule trades the two headline numbers explicitly: among the candidates
+whose clean accuracy is within ``clean_tolerance`` of the best candidate's, take the one with
+the highest certified accuracy for the chosen patch shape and condition; ties go to the
+higher clean accuracy, then to the first candidate in sorted order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass
+class Selection:
+    value: object  # the chosen setting
+    table: pd.DataFrame  # one row per candidate: value, clean, certified, eligible
+
+
+def select_setting(rows: pd.DataFrame, param: str, patch: str = "5x5",
+                   condition: str = "tight", clean_tolerance: float = 0.01) -> Selection:
+    """Pick ``param``'s value from tidy result rows of one defense on one validation split."""
+    column = f"param_{param}"
+    if column not in rows.columns:
+        raise ValueError(f"the rows sweep no parameter {param!r}")
+    picked = rows[(rows["patch"] == patch) & (rows["condition"] == condition)]
+    if picked.empty:
+        raise ValueError(f"no rows for patch {patch} and condition {condition}")
+    if picked["split"].ne("val").any():
+        raise ValueError("settings are selected on the 'val' split only, "
+                         f"got {sorted(picked['split'].unique())}")
+    if picked["defense"].nunique() != 1:
+        raise ValueError(f"rows of several defenses: {sorted(picked['defense'].unique())}")
+    if picked[column].duplicated().any():
+        raise ValueError(f"several rows per {param} value: filter to one model first")
+    table = (picked.sort_values(column)[[column, "clean_accuracy", "certified_accuracy"]]
+             .rename(columns={column: "value", "clean_accuracy": "clean",
+                              "certified_accuracy": "certified"}).reset_index(drop=True))
+    table["eligible"] = table["clean"] >= table["clean"].max() - clean_tolerance
+    best = table[table["eligible"]].sort_values(["certified", "clean"], ascending=False,
+                                                kind="stable")
+    return Selection(best["value"].iloc[0], table)

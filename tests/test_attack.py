@@ -1,0 +1,155 @@
+"""The patch attack: sound certificates survive it, it has teeth, and a wrong certificate is
+caught (so the soundness check can fail). Tiny models on 12 x 12 stripes keep it fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from patchbench.attack import AttackBudget, SoundnessError, attack_split, summarize_attack
+from patchbench.cli import cli
+from patchbench.data import SYNTHETIC_CLASSES, ImageData, TensorImages, make_stripes
+from patchbench.defense import get_defense
+from patchbench.patches import PatchShape
+from patchbench.train import TrainConfig, train
+
+SIDE = 12
+DEFENSES = {"bagcert": {"rf": 5, "width": 8, "patch_min": 1, "patch_max": 3, "lr": 3e-3,
+                        "cell_loss": "ce"},
+            "ds-column": {"width": 8, "ablation_size": 3},
+            "ds-row": {"width": 8, "ablation_size": 3},
+            "ds-block": {"width": 8, "ablation_size": 6}}
+PATCHES = [PatchShape(1, 1), PatchShape(2, 3)]
+QUICK = AttackBudget(steps=4, restarts=1, position_stride=3, worst_positions=4)
+
+
+def stripes(n: int, seed: int) -> ImageData:
+    images, labels = make_stripes(n, size=SIDE, seed=seed)
+    return ImageData("synthetic", "test", TensorImages(images, labels), (1, SIDE, SIDE),
+                     SYNTHETIC_CLASSES)
+
+
+@pytest.fixture(scope="module", params=list(DEFENSES))
+def trained(request):
+    """(defense, model) trained in a few seconds: accurate, most images certified for 1 x 1
+    patches, about half for 2 x 3, none for 6 x 6."""
+    torch.manual_seed(0)
+    defense = get_defense(request.param)(**DEFENSES[request.param])
+    model, _ = train(defense, stripes(512, seed=0),
+                     TrainConfig(epochs=3, batch_size=32, crop_padding=0), show_progress=False)
+    return defense, model
+
+
+def test_touched_cells_are_the_footprints(trained):
+    """The attack's own geometry (``touched_cells``) and the certificate's agree exactly."""
+    defense, _ = trained
+    for patch in PATCHES + [PatchShape(5, 2)]:
+        tops, lefts = torch.meshgrid(torch.arange(SIDE - patch.height + 1),
+                                     torch.arange(SIDE - patch.width + 1), indexing="ij")
+        boxes = torch.stack([tops.flatten(), lefts.flatten(),
+                             torch.full_like(tops.flatten(), patch.height),
+                             torch.full_like(tops.flatten(), patch.width)], dim=1)
+        touched = {frozenset(map(tuple, cells.nonzero().tolist()))
+                   for cells in defense.touched_cells((SIDE, SIDE), boxes)}
+        assert touched == set(defense.footprints(patch, (SIDE, SIDE)).cells())
+
+
+def test_certified_images_survive_the_attack(trained):
+    """Zero violations for both conditions (global implies tight), on images of which some
+    are certified, so the check is not vacuous."""
+    defense, model = trained
+    result = attack_split(defense, model, stripes(24, seed=1), PATCHES, QUICK,
+                          show_progress=False)
+    result.check()
+    table = result.per_image
+    assert (table["margin_tight_1x1"] >= 0).any()
+    for patch in PATCHES:
+        certified = table[f"margin_tight_{patch}"] >= 0
+        assert not (certified & table[f"broken_{patch}"]).any()
+        assert table.loc[certified, f"attacked_{patch}"].all()
+    summary = summarize_attack(result, PATCHES)
+    assert (summary["empirical_accuracy"] >= summary["certified_accuracy_tight"]).all()
+    assert (summary["certified_accuracy_tight"] >= summary["certified_accuracy_global"]).all()
+
+
+def test_the_attack_breaks_uncertified_images(trained):
+    """A 6 x 6 patch on a weak model: the attack flips some correct, uncertified images, and
+    the witness it reports really changes the prediction."""
+    defense, model = trained
+    patch = PatchShape(6, 6)
+    result = attack_split(defense, model, stripes(24, seed=1), [patch], QUICK,
+                          show_progress=False)
+    table = result.per_image
+    broken = table[f"broken_{patch}"]
+    assert broken.any()
+    assert (table.loc[broken, f"adv_prediction_{patch}"] != table.loc[broken, "prediction"]).all()
+    assert (table.loc[broken, f"adv_top_{patch}"] >= 0).all()
+
+
+def test_a_wrong_certificate_is_caught(trained, monkeypatch):
+    """Certify 6 x 6 patches with the footprints of 1 x 1 ones: the attack must find
+    certified images it breaks, and ``check`` must say which."""
+    defense, model = trained
+    small = defense.footprints
+    monkeypatch.setattr(defense, "footprints",
+                        lambda patch, image_hw: small(PatchShape(1, 1), image_hw))
+    result = attack_split(defense, model, stripes(24, seed=1), [PatchShape(6, 6)], QUICK,
+                          show_progress=False)
+    assert result.violations
+    first = result.violations[0]
+    assert first.adv_prediction != first.prediction and "tight" in first.conditions
+    assert first.counts_after != first.counts_before
+    with pytest.raises(SoundnessError, match=rf"image {first.index}, patch 6x6 at \(top "):
+        result.check()
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
+
+
+@pytest.fixture()
+def checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A bagcert checkpoint for synthetic data, written by ``patchbench train``."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("train", "--defense", "bagcert", "--dataset", "synthetic", "--epochs", "1",
+                    "--max-train-images", "64", "--rf", "5", "--width", "4",
+                    "--output", "m.pt")
+    assert result.exit_code == 0, result.output
+    return tmp_path / "m.pt"
+
+
+ATTACK = ["attack", "--defense", "bagcert", "--dataset", "synthetic", "--n-images", "6",
+          "--steps", "2", "--restarts", "1", "--position-stride", "9"]
+
+
+def test_cli_attack_writes_empirical_rows(checkpoint: Path):
+    result = invoke(*ATTACK, "--patch", "2x2,3x5", "--checkpoint", str(checkpoint))
+    assert result.exit_code == 0, result.output
+    rows = pd.concat(pd.read_csv(p) for p in Path("results/rows").glob("*.csv"))
+    assert list(rows["patch"]) == ["2x2", "3x5"]
+    assert set(rows["metric"]) == {"empirical"} and (rows["n_violations"] == 0).all()
+    assert {"empirical_accuracy", "certified_accuracy_tight", "attack_steps", "cell",
+            "checkpoint_sha256"} <= set(rows.columns)
+    assert len(list(Path("results/per_image").glob("*.csv.gz"))) == 1
+
+
+def test_cli_attack_exits_4_on_a_violation(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
+    bagcert = get_defense("bagcert")
+    small = bagcert.footprints
+    monkeypatch.setattr(bagcert, "footprints",
+                        lambda self, patch, image_hw: small(self, PatchShape(1, 1), image_hw))
+    result = invoke(*ATTACK, "--patch", "14x14", "--checkpoint", str(checkpoint))
+    assert result.exit_code == 4, result.output
+    assert "soundness violation" in result.output and "Traceback" not in result.output
+
+
+def test_cli_attack_without_a_trained_model_is_one_line(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*ATTACK, "--patch", "2x2")
+    assert result.exit_code == 1
+    assert "no trained model" in result.output and "Traceback" not in result.output
