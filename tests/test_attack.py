@@ -24,7 +24,7 @@ DEFENSES = {"bagcert": {"rf": 5, "width": 8, "patch_min": 1, "patch_max": 3, "lr
             "ds-row": {"width": 8, "ablation_size": 3},
             "ds-block": {"width": 8, "ablation_size": 6}}
 PATCHES = [PatchShape(1, 1), PatchShape(2, 3)]
-QUICK = AttackBudget(steps=4, restarts=1, position_stride=3, worst_positions=4)
+QUICK = AttackBudget(steps=3, restarts=1, position_stride=6, worst_positions=2)
 
 
 def stripes(n: int, seed: int) -> ImageData:
@@ -62,7 +62,7 @@ def test_certified_images_survive_the_attack(trained):
     """Zero violations for both conditions (global implies tight), on images of which some
     are certified, so the check is not vacuous."""
     defense, model = trained
-    result = attack_split(defense, model, stripes(24, seed=1), PATCHES, QUICK,
+    result = attack_split(defense, model, stripes(16, seed=1), PATCHES, QUICK,
                           show_progress=False)
     result.check()
     table = result.per_image
@@ -81,7 +81,7 @@ def test_the_attack_breaks_uncertified_images(trained):
     the witness it reports really changes the prediction."""
     defense, model = trained
     patch = PatchShape(6, 6)
-    result = attack_split(defense, model, stripes(24, seed=1), [patch], QUICK,
+    result = attack_split(defense, model, stripes(16, seed=1), [patch], QUICK,
                           show_progress=False)
     table = result.per_image
     broken = table[f"broken_{patch}"]
@@ -97,7 +97,7 @@ def test_a_wrong_certificate_is_caught(trained, monkeypatch):
     small = defense.footprints
     monkeypatch.setattr(defense, "footprints",
                         lambda patch, image_hw: small(PatchShape(1, 1), image_hw))
-    result = attack_split(defense, model, stripes(24, seed=1), [PatchShape(6, 6)], QUICK,
+    result = attack_split(defense, model, stripes(16, seed=1), [PatchShape(6, 6)], QUICK,
                           show_progress=False)
     assert result.violations
     first = result.violations[0]

@@ -88,11 +88,12 @@ def test_precision_is_recorded_on_every_row(tmp_path: Path) -> None:
 # --- the reference against patchbench ------------------------------------------------------
 
 def bagcert_model(defense, in_shape, classes) -> nn.Module:
-    """A random BagNet whose votes differ by class and cell (a big head, no bias)."""
+    """A random BagNet whose votes differ by class and cell (a big head), class 0 ahead."""
     model = defense.build_model(in_shape, classes).eval()
     with torch.no_grad():
         model.head.weight.mul_(20)
         model.head.bias.zero_()
+        model.head.bias[0] += 1.0
     return model
 
 
@@ -115,12 +116,12 @@ def linear_base(in_shape, classes) -> nn.Module:
 ])
 def test_reference_decides_like_patchbench(name: str, params: dict) -> None:
     torch.manual_seed(0)
-    in_shape, classes = (2, 10, 12), 4
+    in_shape, classes = (2, 16, 20), 4
     defense = get_defense(name).from_params(params)
     model = (bagcert_model(defense, in_shape, classes) if name == "bagcert"
              else linear_base(in_shape, classes))
     images = torch.rand(6, *in_shape, generator=torch.Generator().manual_seed(1))
-    patches = [PatchShape(1, 1), PatchShape(2, 3), PatchShape(4, 2), PatchShape(10, 1)]
+    patches = [PatchShape(1, 1), PatchShape(2, 3), PatchShape(4, 2), PatchShape(16, 1)]
     with torch.inference_mode():
         reference = reference_certify(defense, model, images, patches)
         cert = certify_votes(defense.votes(model, images),

@@ -120,7 +120,8 @@ BAD_INPUT = {
     "missing defense": Bad(("run", "--patch", "2x2"), 2, "Missing option '--defense'"),
     "unknown dataset": Bad(("run", "--defense", "bagcert", "--dataset", "mnist", "--patch",
                             "2x2"), 2, "'mnist' is not one of"),
-    "unknown split": Bad((*RUN, "--patch", "2x2", "--split", "val"), 2, "'val' is not one of"),
+    "unknown split": Bad((*RUN, "--patch", "2x2", "--split", "validation"), 2,
+                         "'validation' is not one of"),
     "unknown condition": Bad((*RUN, "--patch", "2x2", "--condition", "tight,loose"), 2,
                              "unknown condition(s) ['loose']; choose from tight, global"),
     "empty condition": Bad((*RUN, "--patch", "2x2", "--condition", ","), 2,
@@ -343,7 +344,7 @@ def test_training_options_default_to_the_defense_recipe():
     from patchbench.train import TrainConfig
 
     unset = {"epochs": None, "train_batch_size": None, "seed": None, "crop_padding": None,
-             "max_train_images": None}
+             "max_train_images": None, "hold_out_val": None}
     assert make_train_config(BagCert(), unset) == TrainConfig(**BagCert.train_defaults)
     assert make_train_config(ColumnSmoothing(), unset).epochs == 12
     assert make_train_config(BagCert(), {**unset, "epochs": 3}).epochs == 3
