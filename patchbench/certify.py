@@ -26,7 +26,8 @@ from patchbench.footprints import Footprints, Interval
 
 CONDITIONS = ("tight", "global")
 
-# Upper bound on the elements of one int32 box-sum block (64 Mi elements = 256 MiB).
+# Upper bound on the elements of one box-sum block (64 Mi elements: 256 MiB as int32, half
+# that as int16); a few such blocks are alive at once.
 DEFAULT_MAX_ELEMENTS = 1 << 26
 
 
@@ -51,7 +52,7 @@ def certify_votes(votes: Tensor, footprints: Sequence[Footprints],
                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> Certificate:
     """Certify every image of ``votes`` (B, C, h, w; bool or 0/1) for each footprint set.
 
-    Memory stays below about ``max_elements`` int32 values per block: images, and if
+    Memory stays below about ``max_elements`` values (int16 or int32) per block: images, and if
     needed row intervals, are processed in chunks.
     """
     unknown = set(conditions) - set(CONDITIONS)
@@ -105,6 +106,8 @@ def _tight_margins(votes: Tensor, footprints: Sequence[Footprints], prediction: 
     """
     batch, n_classes, h, w = votes.shape
     plans = [_plan(fp) for fp in footprints]
+    if not plans:
+        return torch.empty(batch, 0, dtype=torch.int64, device=votes.device)
     wrap_h = max(0, max(p.end_rows for p in plans) - h)
     wrap_w = max(0, max(p.end_cols for p in plans) - w)
     hp, wp = h + wrap_h + 1, w + wrap_w + 1

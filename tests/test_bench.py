@@ -92,8 +92,8 @@ def bagcert_model(defense, in_shape, classes) -> nn.Module:
     model = defense.build_model(in_shape, classes).eval()
     with torch.no_grad():
         model.head.weight.mul_(20)
-        model.head.bias.zero_()
-        model.head.bias[0] += 1.0
+        model.head.bias.fill_(-1.0)
+        model.head.bias[0] = 1.0
     return model
 
 
