@@ -33,9 +33,11 @@ SMALL_CNN = "small-cnn"
 MAX_FORWARD = 4096
 # Encoded input per forward block: about this much on a CPU (cache-sized, at least
 # CPU_MIN_BLOCK images), at most this much on an accelerator (see ``forward_block_size``).
-CPU_BLOCK_BYTES = 1 << 20
+CPU_BLOCK_BYTES = 1 << 17
 CPU_MIN_BLOCK = 16
 MAX_BLOCK_BYTES = 256 << 20
+# The masks of all positions are built once where they take at most this much.
+MAX_MASK_BYTES = 64 << 20
 # timm ResNets get a CIFAR-style stem on images up to this side.
 SMALL_IMAGE_SIDE = 64
 
@@ -118,18 +120,27 @@ def ablated_blocks(images: Tensor, mode: str, size: int,
     n_positions = map_h * map_w
     block = forward_block_size(images, max_forward)
     both = torch.cat([images, 1 - images], dim=1)  # (B, 2C, H, W)
+    if n_positions * images[0, 0].numel() * images.element_size() <= MAX_MASK_BYTES:
+        all_masks = ablation_masks(mode, size, image_hw, device=images.device)
+        all_masks = all_masks.to(images.dtype).unsqueeze(1)  # (P, 1, H, W)
+    else:  # built per block
+        all_masks = None
+
+    def masks(lo: int, hi: int) -> Tensor:
+        if all_masks is not None:
+            return all_masks[lo:hi]
+        positions = torch.arange(lo, hi, device=images.device)
+        return ablation_masks(mode, size, image_hw, positions).to(images.dtype).unsqueeze(1)
+
     if n_positions <= block:
-        keep = ablation_masks(mode, size, image_hw, device=images.device)
-        keep = keep.to(images.dtype).unsqueeze(1)  # (P, 1, H, W)
         per = block // n_positions
+        keep = masks(0, n_positions)
         for lo in range(0, batch, per):
             yield (both[lo:lo + per, None] * keep).flatten(0, 1)
         return
     for i in range(batch):
         for lo in range(0, n_positions, block):
-            positions = torch.arange(lo, min(lo + block, n_positions), device=images.device)
-            keep = ablation_masks(mode, size, image_hw, positions).to(images.dtype)
-            yield both[i] * keep.unsqueeze(1)
+            yield both[i] * masks(lo, min(lo + block, n_positions))
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -338,10 +339,13 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
                                   f"--defense {defense_name} ...) or pass --checkpoint")
     loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
     trained = loaded.defense.params()
-    clash = [k for k in parse_extra_params(ctx.args) if trained[k] != defense.params()[k]]
+    given = {k: defense.params()[k] for k in parse_extra_params(ctx.args)}
+    clash = [k for k, v in given.items() if k not in defense.certify_params and trained[k] != v]
     if clash:
         raise click.UsageError(f"checkpoint {checkpoint} was trained with "
                                + ", ".join(f"{k}={trained[k]}" for k in clash))
+    # certify-only parameters given on the command line (a threshold) apply to the model
+    loaded = dataclasses.replace(loaded, defense=type(defense).from_params({**trained, **given}))
     budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
                              for name, (field, _, _) in ATTACK_OPTIONS.items()})
     try:

@@ -124,15 +124,19 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200"})
 
 
+def write_checkpoint(name: str) -> Path:
+    """A model above as a checkpoint for ``synthetic`` (28 x 28 stripes: the networks are
+    fully convolutional, so a model of 12 x 12 stripes votes on them as well)."""
+    defense, model = trained_model(name)
+    save_checkpoint(f"{name}.pt", defense, model, {
+        "dataset": "synthetic", "in_shape": [1, SIDE, SIDE], "classes": list(SYNTHETIC_CLASSES)})
+    return Path(f"{name}.pt").resolve()
+
+
 @pytest.fixture()
 def checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The BagCert model above as a checkpoint for ``synthetic`` (28 x 28 stripes: the network
-    is fully convolutional, so a model of 12 x 12 stripes votes on them as well)."""
     monkeypatch.chdir(tmp_path)
-    defense, model = trained_model("bagcert")
-    save_checkpoint("m.pt", defense, model, {"dataset": "synthetic", "in_shape": [1, SIDE, SIDE],
-                                             "classes": list(SYNTHETIC_CLASSES)})
-    return tmp_path / "m.pt"
+    return write_checkpoint("bagcert")
 
 
 ATTACK = ["attack", "--defense", "bagcert", "--dataset", "synthetic", "--n-images", "6",
@@ -171,3 +175,18 @@ def test_cli_attack_without_a_trained_model_is_one_line(tmp_path: Path,
     result = invoke(*ATTACK, "--patch", "2x2")
     assert result.exit_code == 1
     assert "no trained model" in result.output and "Traceback" not in result.output
+
+
+def test_cli_attack_applies_a_certify_only_threshold(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    """As for ``run``: a smoothing threshold differing from training is no clash."""
+    monkeypatch.chdir(tmp_path)
+    path = write_checkpoint("ds-column")
+    result = invoke(*ATTACK[:2], "ds-column", *ATTACK[3:], "--patch", "2x2", "--checkpoint",
+                    str(path), "--threshold", "0.3")
+    assert result.exit_code == 0, result.output
+    (rows,) = [pd.read_csv(p) for p in Path("results/rows").glob("*.csv")]
+    assert rows["param_threshold"].tolist() == [0.3]
+    result = invoke(*ATTACK[:2], "ds-column", *ATTACK[3:], "--patch", "2x2", "--checkpoint",
+                    str(path), "--ablation-size", "5")
+    assert result.exit_code == 2 and "was trained with ablation_size=3" in result.output
