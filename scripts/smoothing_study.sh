@@ -8,12 +8,12 @@ set -euo pipefail
 thresholds=0.15,0.2,0.25,0.3,0.35,0.4,0.5
 val=${VALIDATION:-results/validation}
 test=${RESULTS:-results}
-recipe=(--dataset fashion-mnist --epochs 24 --hold-out-val yes)
-# name, its parameters, validation images (block smoothing runs H*W ablations per image)
+recipe=(--dataset fashion-mnist --hold-out-val yes)
+# name, its parameters and epochs, validation images (block smoothing runs H*W ablations per image)
 studies=(
-  "ds-column|--ablation-size 4 --width 48|5000"
-  "ds-row|--ablation-size 4 --width 32|5000"
-  "ds-block|--ablation-size 10 --width 16|1000"
+  "ds-column|--ablation-size 4 --width 48 --epochs 28|5000"
+  "ds-row|--ablation-size 4 --width 32 --epochs 24|5000"
+  "ds-block|--ablation-size 10 --width 16 --epochs 24|1000"
 )
 for study in "${studies[@]}"; do
   IFS='|' read -r defense params n_val <<<"$study"
