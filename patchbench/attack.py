@@ -55,6 +55,7 @@ from patchbench.certify import CONDITIONS, Certificate, certify_votes
 from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData, batches
 from patchbench.defense import Defense
+from patchbench.evaluate import for_inference
 from patchbench.patches import PatchShape, box_masks, check_fits
 from patchbench.progress import progress_bar
 from patchbench.results import atomic_write_csv, cell_id, rows_path, system_info
@@ -145,7 +146,7 @@ def attack_split(defense: Defense, model: nn.Module, data: ImageData,
     image_hw = data.in_shape[1:]
     check_fits(list(patches), image_hw)
     footprints = [defense.footprints(p, image_hw) for p in patches]
-    model = model.to(device).eval()
+    model = for_inference(model.to(device))  # the model exactly as `run` certifies with it
     generator = torch.Generator().manual_seed(budget.seed)
     frames, violations, offset = [], [], 0
     start = time.perf_counter()

@@ -55,7 +55,7 @@ from patchbench.certify import CONDITIONS, certify_votes
 from patchbench.defense import Defense, get_defense
 from patchbench.defenses.bagcert import BagCert, receptive_field
 from patchbench.defenses.smoothing import ABLATED_AXES, Smoothing, ablated_blocks, vote_map_hw
-from patchbench.evaluate import at_precision, precision_dtype, synchronize
+from patchbench.evaluate import at_precision, for_inference, precision_dtype, synchronize
 from patchbench.patches import PatchShape
 from patchbench.results import atomic_write_csv, system_info
 
@@ -335,12 +335,14 @@ def measure(defense: Defense, settings: BenchSettings, batch_size: int,
     torch.manual_seed(settings.seed)
     in_shape, dtype = settings.in_shape, precision_dtype(settings.precision)
     model = defense.build_model(in_shape, settings.num_classes).eval().to(device)
-    model = at_precision(model, settings.precision)
     n_parameters = defense.num_parameters(model)
+    # the reference runs the model as the published code does; (a) and (b) as `run` does
+    plain = at_precision(model, settings.precision)
+    model = for_inference(model, settings.precision)
     gen = torch.Generator().manual_seed(settings.seed)
     images = torch.rand(batch_size, *in_shape, generator=gen).to(device, dtype)
     if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        plain = plain.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     net = torch.compile(model) if settings.compile else model
     image_hw = in_shape[1:]
@@ -373,13 +375,13 @@ def measure(defense: Defense, settings: BenchSettings, batch_size: int,
                 tasks[f"core_{n}"] = (lambda n=n: certify_votes(votes, footprints[n],
                                                                 CONDITIONS))
         if settings.with_reference:
-            reference = reference_certify(defense, net, images, patches[most])
+            reference = reference_certify(defense, plain, images, patches[most])
             if reference is not None:
                 result.reference_agreement = agreement(defense, net, images, patches[most],
                                                        reference)
                 for n in settings.n_shapes:
                     tasks[f"reference_{n}"] = (
-                        lambda n=n: reference_certify(defense, net, images, patches[n]))
+                        lambda n=n: reference_certify(defense, plain, images, patches[n]))
         for _ in range(settings.warmup):
             for task in tasks.values():
                 task()

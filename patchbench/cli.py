@@ -23,12 +23,18 @@ from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
 from patchbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
-from patchbench.defense import Defense, UnknownDefenseError, get_defense, registered_defenses
+from patchbench.defense import (
+    Defense,
+    DefenseNotFoundError,
+    UnknownDefenseError,
+    get_defense,
+    registered_defenses,
+)
 from patchbench.options import DeviceType, PatchListType, flatten_patches, parse_extra_params
-from patchbench.patches import check_fits
+from patchbench.patches import check_fits, parse_patches
 from patchbench.report import build_report
 from patchbench.results import ResultsError, load_results
-from patchbench.selection import select_setting
+from patchbench.selection import defense_rows, select_setting
 from patchbench.sweep import BACKENDS, SweepError, run_sweep
 from patchbench.train import TrainConfig, train
 
@@ -44,6 +50,8 @@ class PatchbenchGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except DefenseNotFoundError as err:  # a mistyped name, like an unknown --dataset
+            raise click.BadParameter(str(err), param_hint="'--defense'") from None
         except USER_ERRORS as err:
             raise click.ClickException(str(err).splitlines()[0] if str(err) else
                                        type(err).__name__) from None
@@ -409,7 +417,9 @@ def parse_int_list(ctx, param, value: str) -> tuple[int, ...]:
               help="Untimed runs per measurement first.")
 @click.option("--device", type=DeviceType(), default="auto", show_default=True)
 @precision_option
-@click.option("--channels-last", is_flag=True, help="Model and images in channels-last layout.")
+@click.option("--channels-last", is_flag=True,
+              help="Images (and the reference's model) in channels-last layout; the "
+                   "certified model always is (see evaluate.for_inference).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option("--reference/--no-reference", default=None,
               help="Also time the published-style reference [default: on, except imagenet].")
@@ -446,13 +456,24 @@ def bench_command(ctx: click.Context, defense_names: str, shape: str, classes: i
     click.echo(f"results: {path}", err=True)
 
 
+def parse_one_patch(ctx, param, value: str) -> str:
+    try:
+        shapes = parse_patches(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if len(shapes) != 1:
+        raise click.BadParameter(f"one patch shape, not {value!r}")
+    return str(shapes[0])
+
+
 @cli.command("select")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results/validation"), show_default=True,
               help="Rows of a sweep certified on the 'val' split.")
 @click.option("--defense", "defense_name", required=True, help="The defense whose rows to use.")
 @click.option("--param", required=True, help="The swept parameter to choose, e.g. threshold.")
-@click.option("--patch", default="5x5", show_default=True, help="Patch shape to optimise for.")
+@click.option("--patch", default="5x5", show_default=True, callback=parse_one_patch,
+              help="Patch shape to optimise for.")
 @click.option("--condition", type=click.Choice(CONDITIONS), default="tight", show_default=True)
 @click.option("--clean-tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Candidates may lose at most this much clean accuracy to the best one.")
@@ -461,8 +482,8 @@ def select_command(results_dir: Path, defense_name: str, param: str, patch: str,
     """Choose a setting on validation rows: most certified among the near-best clean ones."""
     rows = load_results(results_dir)
     try:
-        chosen = select_setting(rows[rows["defense"] == defense_name], param, patch, condition,
-                                clean_tolerance)
+        chosen = select_setting(defense_rows(rows, defense_name, results_dir), param, patch,
+                                condition, clean_tolerance)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     table = Table(param, "clean", f"certified {patch} {condition}", "eligible",

@@ -164,11 +164,15 @@ class UnknownDefenseError(LookupError):
     """Raised for a defense name nobody registered, or one that fails to load."""
 
 
+class DefenseNotFoundError(UnknownDefenseError):
+    """A defense name nobody registered (the user's typo: a usage error on the command line)."""
+
+
 def get_defense(name: str) -> type[Defense]:
     """The Defense class registered under ``name``; a clear error otherwise."""
     registry = registered_defenses()
     if name not in registry:
-        raise UnknownDefenseError(f"unknown defense {name!r}; available: {', '.join(registry)}")
+        raise DefenseNotFoundError(f"unknown defense {name!r}; available: {', '.join(registry)}")
     try:
         return registry[name].load()
     except Exception as err:

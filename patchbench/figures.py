@@ -83,6 +83,46 @@ def time_vs_parameters(configs: pd.DataFrame, path: Path, x: str, y: str) -> Non
     save(fig, path)
 
 
+ATTACK_MEASURES = {"clean (%)": "clean", "empirical (%)": "under attack",
+                   "tight (%)": "certified (tight)", "global (%)": "certified (global)"}
+ATTACK_COLORS = dict(zip(ATTACK_MEASURES.values(), ("#9e9e9e", "#e6842a", "#1f5fa8", "#7fb0e0"),
+                         strict=True))
+
+
+def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
+    """Per configuration, per patch shape: clean, attacked and certified accuracy as bars, on
+    the attacked images; a configuration with soundness violations is titled in red."""
+    long = attacks.melt(id_vars=["config", "patch", "violations"],
+                        value_vars=[c for c in ATTACK_MEASURES if c in attacks],
+                        var_name="measure", value_name="accuracy (%)")
+    long["measure"] = long["measure"].map(ATTACK_MEASURES)
+    configs = list(dict.fromkeys(attacks["config"]))
+    n_cols = min(3, len(configs))
+    n_rows = math.ceil(len(configs) / n_cols)
+    fig = new_figure(4.6 * n_cols, 4.0 * n_rows)
+    with sns.axes_style("whitegrid"):
+        axes = list(fig.subplots(n_rows, n_cols, squeeze=False).flat)
+    for ax, config in zip(axes, configs, strict=False):
+        mine = long[long["config"] == config].dropna(subset=["accuracy (%)"])
+        if not mine.empty:
+            sns.barplot(data=mine, x="patch", y="accuracy (%)", hue="measure",
+                        hue_order=[m for m in ATTACK_MEASURES.values()
+                                   if m in set(mine["measure"])],
+                        palette=ATTACK_COLORS, ax=ax)
+        broken = int(attacks.loc[attacks["config"] == config, "violations"].fillna(0).sum())
+        ax.set(ylim=(0, 100), xlabel="patch", ylabel="accuracy (%)",
+               title=config + (f": {broken} VIOLATION(S)" if broken else ""))
+        if broken:
+            ax.title.set_color("red")
+        if ax.get_legend() is not None:
+            ax.legend(fontsize=7, ncols=2, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                      frameon=False)
+    for ax in axes[len(configs):]:
+        ax.set_visible(False)
+    fig.suptitle("Certified vs attacked accuracy, on the attacked images", fontsize=10)
+    save(fig, path)
+
+
 def gallery_figure(examples: list[Example], classes: list[str], title: str, path: Path) -> None:
     """Per image: the image with the worst patch, then the votes of the prediction and of the
     rival class with that patch's footprint outlined."""

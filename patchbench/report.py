@@ -1,9 +1,15 @@
 """``patchbench report``: a results folder in; Markdown with tables, figures and findings out.
 
-Everything but the gallery comes from the tidy rows (results.py), so a report can be rebuilt
-at any time without certifying again. The gallery also needs each configuration's checkpoint
-(found by its hash in ``checkpoints/`` or the cache) and its dataset; without them it is
-skipped with a note. Tables are written as CSV (full precision) and LaTeX beside report.md.
+Everything but the gallery comes from the tidy rows (results.py) and per-image tables, so a
+report can be rebuilt at any time without certifying again. The gallery also needs each
+configuration's checkpoint (found by its hash in ``checkpoints/`` or the cache) and its
+dataset; without them it is skipped with a note. Tables are written as CSV (full precision)
+and LaTeX beside report.md.
+
+Certification rows (``patchbench run``; ``metric`` "certified", or none in older files) and
+attack rows (``patchbench attack``, ``metric`` "empirical") are read apart: the certified
+vs attacked section compares the two on the images the attack ran on, and a folder of attack
+rows alone still gives a report (that section only). Benchmark rows are left out.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import numbers
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,11 +30,21 @@ import pandas as pd
 from patchbench.atomic import atomic_path
 from patchbench.data import ImageData
 from patchbench.gallery import Example, GalleryUnavailable, gallery_examples
-from patchbench.results import ResultsError, load_failures, load_results
+from patchbench.results import (
+    CERTIFIED,
+    EMPIRICAL,
+    ResultsError,
+    load_failures,
+    load_results,
+    metric_of,
+    per_image_path,
+)
 from patchbench.tables import (
     TIME,
     Table,
     accuracy_table,
+    attack_sentences,
+    attack_table,
     column,
     conditions_of,
     configs_table,
@@ -40,11 +57,25 @@ from patchbench.tables import (
 )
 
 IDENTITY = ("defense", "dataset", "patch")
-NUMBERS = ("patch_h", "patch_w", "n_images", "clean_accuracy", "certified_accuracy")
+NUMBERS = ("patch_h", "patch_w", "n_images", "clean_accuracy")  # every row's
+CERTIFIED_NUMBERS = ("certified_accuracy",)  # a certification row's, with its "condition"
 OPTIONAL_NUMBERS = ("n_parameters", "certify_seconds", "forward_seconds", "robust_accuracy",
-                    "empirical_accuracy")
-# Where an attack row (metric == "empirical") keeps its accuracy: the first column present.
-EMPIRICAL_VALUES = ("robust_accuracy", "empirical_accuracy", "certified_accuracy")
+                    "empirical_accuracy", "certified_accuracy_tight",
+                    "certified_accuracy_global", "n_attacked", "n_violations", "n_robust",
+                    "n_correct", "attack_seconds")
+# Where an attack row (metric == "empirical") keeps its accuracy: the first column present
+# (robust_accuracy: rows of earlier versions).
+EMPIRICAL_VALUES = ("empirical_accuracy", "robust_accuracy")
+
+
+@dataclass
+class Selected:
+    """The rows a report is made of, named (``config``) and in reading order."""
+
+    certified: pd.DataFrame  # newest certification row per configuration, shape, condition
+    empirical: pd.DataFrame  # newest attack row per configuration, split and shape
+    runs: pd.DataFrame  # every certification row, to match attacks with
+    params: dict[str, dict]  # configuration key -> its parameters
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
@@ -60,12 +91,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
     rows = select(check_rows(load_results(results_dir), results_dir), results_dir, dataset,
                   defense)
     failed = failures(results_dir, dataset, defense)
-    certified, empirical, params = split_and_name(rows, results_dir)
+    selected = split_and_name(rows, results_dir)
     filters = " ".join(f"--{k} {v}" for k, v in (("dataset", dataset), ("defense", defense))
                        if v)
     try:
-        return write_report(out, results_dir, filters, certified, empirical, params, failed,
-                            gallery_images)
+        return write_report(out, results_dir, filters, selected, failed, gallery_images)
     except ResultsError:
         raise
     except OSError as err:
@@ -73,14 +103,26 @@ def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
 
 
 def check_rows(rows: pd.DataFrame, source: Path) -> pd.DataFrame:
-    """The rows with their numbers typed; a one-line error for a malformed file."""
-    missing = [c for c in (*IDENTITY, "condition", *NUMBERS) if c not in rows]
+    """The certification and attack rows with their numbers typed (other rows, such as
+    benchmarks, left out); a one-line error for a malformed file or when none is left."""
+    metric = metric_of(rows)
+    good = rows.assign(metric=metric)[metric.isin([CERTIFIED, EMPIRICAL])]
+    if good.empty:
+        others = sorted(set(metric))
+        raise ResultsError(f"results folder {source} holds no result rows of a certification "
+                           f"or an attack (only rows with metric {', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''})")
+    certified = (good["metric"] == CERTIFIED).any()
+    needed = (*IDENTITY, *(("condition",) if certified else ()), *NUMBERS,
+              *(CERTIFIED_NUMBERS if certified else ()))
+    missing = [c for c in needed if c not in good]
     if missing:
         raise ResultsError(f"results in {source} lack column(s) {', '.join(missing)}")
-    good = rows.copy()
+    if (good["metric"] == EMPIRICAL).any() and not any(c in good for c in EMPIRICAL_VALUES):
+        raise ResultsError(f"attack rows in {source} lack column {EMPIRICAL_VALUES[0]}")
     if good[list(IDENTITY)].isna().any(axis=None):
         raise ResultsError(f"results in {source} hold rows without a defense, dataset or patch")
-    for name in (*NUMBERS, *OPTIONAL_NUMBERS):
+    for name in (*NUMBERS, *CERTIFIED_NUMBERS, *OPTIONAL_NUMBERS):
         if name in good:
             try:
                 good[name] = pd.to_numeric(good[name])
@@ -123,19 +165,22 @@ def failures(results_dir: Path, dataset: str | None, defense: str | None) -> pd.
     return failed[["cell", "defense", "dataset", "reason", "timestamp"]].reset_index(drop=True)
 
 
-def split_and_name(rows: pd.DataFrame, source: Path
-                   ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict]]:
+def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
     """Certified and empirical rows, newest per configuration and shape, named and ordered.
 
-    A configuration is (dataset, defense, parameters, checkpoint); ``params`` maps its key
-    to its parameters. Rows without a ``metric`` column (older files) are certified ones.
+    A configuration is (dataset, defense, parameters, checkpoint), the same for a model's
+    certification and attack rows; ``params`` maps its key to its parameters. Rows without a
+    ``metric`` column (older files) are certified ones.
     """
     sha, text = text_column(rows, "checkpoint_sha256"), text_column(rows, "params")
     rows = rows.assign(config_key=rows["dataset"] + "|" + rows["defense"] + "|" + text + "|"
-                       + sha, sha=sha)
+                       + sha, sha=sha, split_key=text_column(rows, "split"),
+                       cell_key=text_column(rows, "cell"))
     recipe = text_column(rows, "train_config")
     params, described = {}, {}
-    for key, blob, train in zip(rows["config_key"], text, recipe, strict=True):
+    # the training recipe of a configuration is in its certification rows (attack rows lack it)
+    for key, blob, train in sorted(zip(rows["config_key"], text, recipe, strict=True),
+                                   key=lambda r: not r[2]):
         if key not in params:
             try:
                 params[key] = parse_params(blob)
@@ -146,18 +191,20 @@ def split_and_name(rows: pd.DataFrame, source: Path
     names, order = config_names(rows.drop_duplicates("config_key"), described)
     rows = rows.assign(config=rows["config_key"].map(names),
                        rank=rows["config_key"].map(order))
-    metric = column(rows, "metric").fillna("certified").astype(str)
-    certified = newest(rows[metric == "certified"], ["config_key", "patch", "condition"])
-    if certified.empty:
-        raise ResultsError(f"results in {source} hold no certified rows for this selection")
-    if certified["condition"].isna().any():
+    runs = rows[rows["metric"] == CERTIFIED]
+    if "condition" in runs and runs["condition"].isna().any():
         raise ResultsError(f"results in {source} hold certified rows without a condition")
-    attacked = rows[metric == "empirical"]
+    certified = newest(runs, ["config_key", "patch", "condition"]) if len(runs) else runs
+    attacked = rows[rows["metric"] == EMPIRICAL]
     value = pd.Series(float("nan"), index=attacked.index)
     for name in EMPIRICAL_VALUES:
         value = value.fillna(column(attacked, name))
-    empirical = newest(attacked.assign(empirical_accuracy=value), ["config_key", "patch"])
-    return certified, empirical, params
+    if value.isna().any():
+        raise ResultsError(f"results in {source} hold attack rows without an "
+                           f"{EMPIRICAL_VALUES[0]}")
+    empirical = newest(attacked.assign(empirical_accuracy=value),
+                       ["config_key", "split_key", "patch"])
+    return Selected(certified, empirical, runs, params)
 
 
 def config_names(configs: pd.DataFrame, params: dict[str, dict]
@@ -192,33 +239,74 @@ def newest(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     by = [c for c in ("n_images", "timestamp") if c in rows]
     kept = rows.sort_values(by, kind="stable", na_position="first").drop_duplicates(
         keys, keep="last")
-    return kept.sort_values(["rank", "patch_area", "patch_h", "condition"], kind="stable")
+    order = [c for c in ("rank", "patch_area", "patch_h", "condition") if c in kept]
+    return kept.sort_values(order, kind="stable")
 
 
-def write_report(out: Path, results_dir: Path, filters: str, certified: pd.DataFrame,
-                 empirical: pd.DataFrame, params: dict[str, dict], failed: pd.DataFrame,
-                 gallery_images: int) -> Path:
+def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
+                 failed: pd.DataFrame, gallery_images: int) -> Path:
     from patchbench import figures  # plotting libraries load only when a report is drawn
 
-    configs = configurations(newest(certified, ["config_key"]))
-    accuracy = accuracy_table(certified, empirical)
-    gains = gain_table(accuracy.frame)
-    sweep = rf_sweep_table(certified, configs, params)
-    long = certified.assign(**{figures.CERTIFIED: 100 * certified["certified_accuracy"]})
+    certified, empirical, params = selected.certified, selected.empirical, selected.params
+    configs = all_configurations(certified, empirical)
     tables, figures_dir = out / "tables", out / "figures"
-    condition = conditions_of(certified)[0]
+    attacks = (attack_table(empirical, selected.runs, per_image_reader(results_dir))
+               if len(empirical) else None)
+    sentences = []
+    if len(certified):
+        accuracy = accuracy_table(certified)
+        gains = gain_table(accuracy.frame)
+        sentences += findings(accuracy.frame, configs, gains, params)
+    if attacks is not None:
+        sentences += attack_sentences(attacks.frame)
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     lines = [
         "# patchbench report", "",
         f"Results from `{results_dir}`{f' ({filters})' if filters else ''}: "
         f"{len(configs)} configuration(s) of {', '.join(dict.fromkeys(configs['defense']))} "
         f"on {', '.join(dict.fromkeys(configs['dataset']))}; {len(certified)} certified "
-        f"rows{f', {len(empirical)} empirical rows' if len(empirical) else ''}. "
-        f"Built {when} by patchbench {version('patchbench')}.", "",
-        "## Findings", "", *(f"- {s}" for s in findings(accuracy.frame, configs, gains,
-                                                         params)), "",
-        "## Configurations", "", *table_lines(configs_table(configs), tables),
-        "## Certified accuracy", "", *table_lines(accuracy, tables)]
+        f"rows{f', {len(empirical)} empirical (attack) rows' if len(empirical) else ''}. "
+        f"Built {when} by patchbench {version('patchbench')}.", ""]
+    if attacks is not None and (attacks.frame["violations"].fillna(0) > 0).any():
+        lines += [f"> **Soundness violation**: the attack broke "
+                  f"{int(attacks.frame['violations'].sum())} certified image(s); see "
+                  "[Certified vs attacked](#certified-vs-attacked).", ""]
+    lines += ["## Findings", "", *(f"- {s}" for s in sentences), "",
+              "## Configurations", "", *table_lines(configs_table(configs), tables)]
+    if len(certified):
+        lines += certified_lines(certified, configs, accuracy, gains, params, tables,
+                                 figures_dir, figures)
+    else:
+        lines += ["## Certified accuracy", "",
+                  "_No certification rows (`patchbench run`) in this selection: only the "
+                  "attack's own certificates below._", ""]
+    if attacks is not None:
+        lines += ["## Certified vs attacked", "",
+                  "Certified accuracy is a lower bound on robust accuracy, the accuracy under a "
+                  "patch attack an upper bound: per configuration and patch shape, both on the "
+                  "images the attack ran on.", "", *table_lines(attacks, tables)]
+        figures.certified_vs_attacked(attacks.frame, figures_dir / "certified_vs_attacked.png")
+        lines += figure_lines("Certified vs attacked accuracy", "certified_vs_attacked.png")
+    if len(certified):
+        lines += gallery_lines(results_dir, certified, configs, gallery_images, figures_dir,
+                               tables, figures.gallery_figure)
+    if not failed.empty:
+        lines += ["## Failed cells", "",
+                  *table_lines(Table("failed", "Cells that failed (no rows)", failed,
+                                     "Details: results/failed/<cell>.json."), tables)]
+    report = out / "report.md"
+    write_text(report, "\n".join(lines))
+    return report
+
+
+def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Table,
+                    gains: Table | None, params: dict[str, dict], tables: Path,
+                    figures_dir: Path, figures) -> list[str]:
+    """The sections of the certification rows: accuracy, shapes, sweep, gains, time."""
+    sweep = rf_sweep_table(certified, configs, params)
+    long = certified.assign(**{figures.CERTIFIED: 100 * certified["certified_accuracy"]})
+    condition = conditions_of(certified)[0]
+    lines = ["## Certified accuracy", "", *table_lines(accuracy, tables)]
     if (long["patch_h"] == long["patch_w"]).any():
         figures.patch_size_curves(long, figures_dir / "certified_vs_patch_size.png")
         lines += figure_lines("Certified accuracy vs square patch size",
@@ -244,15 +332,28 @@ def write_report(out: Path, results_dir: Path, filters: str, certified: pd.DataF
         figures.time_vs_parameters(timed.astype({"parameters": float}),
                                    figures_dir / "time_vs_parameters.png", "parameters", TIME)
         lines += figure_lines("Certification time vs parameters", "time_vs_parameters.png")
-    lines += gallery_lines(results_dir, certified, configs, gallery_images, figures_dir, tables,
-                           figures.gallery_figure)
-    if not failed.empty:
-        lines += ["## Failed cells", "",
-                  *table_lines(Table("failed", "Cells that failed (no rows)", failed,
-                                     "Details: results/failed/<cell>.json."), tables)]
-    report = out / "report.md"
-    write_text(report, "\n".join(lines))
-    return report
+    return lines
+
+
+def all_configurations(certified: pd.DataFrame, empirical: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration, from its certification rows, else its attack rows."""
+    only_attacked = empirical[~empirical["config_key"].isin(certified["config_key"])]
+    rows = pd.concat([certified, only_attacked]) if len(certified) else only_attacked
+    return configurations(newest(rows, ["config_key"]).sort_values("rank", kind="stable"))
+
+
+def per_image_reader(results_dir: Path) -> Callable[[str], pd.DataFrame | None]:
+    """A cell's per-image table (read once), or None where it is missing or unreadable."""
+    tables: dict[str, pd.DataFrame | None] = {}
+
+    def read(cell: str) -> pd.DataFrame | None:
+        if cell not in tables:
+            try:
+                tables[cell] = pd.read_csv(per_image_path(results_dir, cell)) if cell else None
+            except (OSError, ValueError, pd.errors.ParserError):
+                tables[cell] = None
+        return tables[cell]
+    return read
 
 
 def gallery_lines(results_dir: Path, certified: pd.DataFrame, configs: pd.DataFrame, n: int,

@@ -134,12 +134,19 @@ def atomic_write_csv(frame: pd.DataFrame, path: Path) -> None:
 def read_rows(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise ResultsError(f"malformed results file {path}: {err}") from None
+    except OSError as err:  # a folder, a dangling link, no permission
+        raise ResultsError(f"cannot read results file {path}: {err.strerror or err}") from None
+    except (ValueError, pd.errors.ParserError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ResultsError(f"malformed results file {path}: {message}") from None
 
 
 def load_results(results_dir: str | Path) -> pd.DataFrame:
-    """All rows of a results folder as one DataFrame; a clear error if there are none."""
+    """All rows of a results folder as one DataFrame; a clear error if there are none.
+
+    The folder mixes kinds of rows, told apart by ``metric_of``: certification rows
+    (``patchbench run``), empirical attack rows (``patchbench attack``) and benchmark rows.
+    """
     folder = Path(results_dir) / "rows"
     if not Path(results_dir).is_dir():
         raise ResultsError(f"results folder {results_dir} does not exist")
@@ -147,6 +154,23 @@ def load_results(results_dir: str | Path) -> pd.DataFrame:
     if not files:
         raise ResultsError(f"results folder {results_dir} holds no result rows")
     return pd.concat([read_rows(path) for path in files], ignore_index=True)
+
+
+CERTIFIED, EMPIRICAL = "certified", "empirical"  # the ``metric`` of run and attack rows
+
+
+def metric_of(rows: pd.DataFrame) -> pd.Series:
+    """Each row's kind: ``CERTIFIED`` for certification rows (also those of older runs,
+    which have no ``metric``), ``EMPIRICAL`` for attack rows, else the metric a benchmark
+    row measures."""
+    if "metric" not in rows:
+        return pd.Series(CERTIFIED, index=rows.index)
+    return rows["metric"].astype(object).where(rows["metric"].notna(), CERTIFIED).astype(str)
+
+
+def per_image_path(results_dir: Path, cell: str) -> Path:
+    """The per-image outcomes of a cell (run or attack) beside its rows."""
+    return results_dir / "per_image" / f"{cell}.csv.gz"
 
 
 def load_failures(results_dir: str | Path) -> pd.DataFrame:

@@ -10,8 +10,14 @@ higher clean accuracy, then to the first candidate in sorted order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
+
+from patchbench.results import ResultsError
+
+# what selecting needs of each row (besides the swept parameter's column)
+COLUMNS = ("defense", "split", "patch", "condition", "clean_accuracy", "certified_accuracy")
 
 
 @dataclass
@@ -43,3 +49,23 @@ def select_setting(rows: pd.DataFrame, param: str, patch: str = "5x5",
     best = table[table["eligible"]].sort_values(["certified", "clean"], ascending=False,
                                                 kind="stable")
     return Selection(best["value"].iloc[0], table)
+
+
+def defense_rows(rows: pd.DataFrame, defense: str, source: str | Path) -> pd.DataFrame:
+    """The rows of ``defense``, their accuracies as numbers. ResultsError (one line) for rows
+    that lack a column or hold text for a number; ValueError when no row is of ``defense``."""
+    missing = [c for c in COLUMNS if c not in rows]
+    if missing:
+        raise ResultsError(f"results in {source} lack column(s) {', '.join(missing)}")
+    rows = rows.copy()
+    for name in ("clean_accuracy", "certified_accuracy"):
+        try:
+            rows[name] = pd.to_numeric(rows[name])
+        except (TypeError, ValueError):
+            raise ResultsError(f"results in {source}: column {name} holds a value that is not "
+                               "a number") from None
+    kept = rows[rows["defense"] == defense]
+    if kept.empty:
+        held = ", ".join(sorted(rows["defense"].dropna().astype(str).unique()))
+        raise ValueError(f"no rows of defense {defense!r} in {source}; it holds rows of {held}")
+    return kept

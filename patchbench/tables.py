@@ -1,14 +1,16 @@
 """The report's tables and findings, computed from checked, labelled result rows.
 
 Inputs are the frames ``report.py`` prepares: certified rows (one per configuration, patch
-shape and condition; accuracies as fractions) and empirical attack rows, both with a
-``config`` label and a ``config_key``. Tables hold percentages; findings are sentences
-computed from the tables, so no number in a report is ever typed by hand.
+shape and condition; accuracies as fractions) and empirical attack rows (one per
+configuration, split and patch shape), both with a ``config`` label and a ``config_key``.
+Tables hold percentages; findings are sentences computed from the tables, so no number in a
+report is ever typed by hand.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,11 @@ from patchbench.certify import CONDITIONS
 
 PER_IMAGES = 10_000  # certification time is reported for this many images, as in the talk
 TIME = f"s per {PER_IMAGES:,} images"  # that time's column in the configurations table
-NOT_CERTIFIED = ("clean (%)", "empirical (%)")  # the accuracy columns that are no condition
+NOT_CERTIFIED = ("clean (%)",)  # the accuracy columns that are no condition
+GAP = "gap (points)"  # empirical minus certified (tight), on the same images
+# The attack budget as the attack rows record it (attack_<field>), shown as "name value".
+BUDGET = (("steps", "steps"), ("restarts", "restarts"), ("step_size", "step"),
+          ("position_stride", "stride"), ("worst_positions", "worst"))
 
 
 @dataclass
@@ -47,26 +53,21 @@ def conditions_of(rows: pd.DataFrame) -> list[str]:
     return [c for c in CONDITIONS if c in present] + sorted(present - set(CONDITIONS))
 
 
-def accuracy_table(certified: pd.DataFrame, empirical: pd.DataFrame) -> Table:
-    """Clean and certified accuracy per configuration and patch, with the attack's next to it."""
+def accuracy_table(certified: pd.DataFrame) -> Table:
+    """Clean and certified accuracy per configuration and patch (the attack's accuracy, often
+    on fewer images, is compared on the same images in ``attack_table``)."""
     conditions = conditions_of(certified)
-    attacked = {(k, p): v for k, p, v in zip(empirical["config_key"], empirical["patch"],
-                                              empirical["empirical_accuracy"], strict=True)}
     records = []
-    for (key, patch), group in certified.groupby(["config_key", "patch"], sort=False):
+    for (_, patch), group in certified.groupby(["config_key", "patch"], sort=False):
         first = group.iloc[0]
         by_condition = dict(zip(group["condition"], group["certified_accuracy"], strict=True))
         record = {"dataset": first["dataset"], "defense": first["defense"],
                   "config": first["config"], "patch": patch, "images": int(first["n_images"]),
                   "clean (%)": 100 * first["clean_accuracy"]}
         record.update({f"{c} (%)": 100 * by_condition.get(c, np.nan) for c in conditions})
-        if attacked:
-            record["empirical (%)"] = 100 * attacked.get((key, patch), np.nan)
         records.append(record)
     note = ("Certified: correct and certified for every position of the patch, under the "
             "tight or the global condition (README).")
-    if attacked:
-        note += " Empirical: accuracy under the patch attack, an upper bound of the certified."
     return Table("accuracy", "Clean and certified accuracy (%)", pd.DataFrame(records), note)
 
 
@@ -173,8 +174,6 @@ def findings(accuracy: pd.DataFrame, configs: pd.DataFrame, gains: Table | None,
     out += orientation_sentences(accuracy, value)
     out += speed_sentences(configs)
     out += rf_sentences(accuracy, configs, params, ref)
-    if "empirical (%)" in accuracy:
-        out += empirical_sentences(accuracy, value)
     return out
 
 
@@ -258,20 +257,148 @@ def rf_sentences(accuracy: pd.DataFrame, configs: pd.DataFrame, params: dict[str
             f"{times[TIME].iloc[-1]:.1f} s (rf {times['rf'].iloc[-1]})."]
 
 
-def empirical_sentences(accuracy: pd.DataFrame, value: str) -> list[str]:
-    both = accuracy.dropna(subset=["empirical (%)", value])
-    if both.empty:
-        return []
-    gap = both["empirical (%)"] - both[value]
-    out = [f"Under the patch attack the models keep {gap.mean():.1f} points more accuracy "
-           f"than is certified ({value.removesuffix(' (%)')}), on average over {len(both)} "
-           "shape and configuration pairs: the room a better attack or a tighter certificate "
-           "could close."]
-    broken = both[gap < -1e-9]
+PerImage = Callable[[str], "pd.DataFrame | None"]  # a cell's per-image table, if readable
+
+
+def attack_table(empirical: pd.DataFrame, runs: pd.DataFrame, per_image: PerImage) -> Table:
+    """Certified vs attacked: per configuration, split and patch shape, on the images the
+    attack ran on, clean, certified and empirical accuracy, the gap and the violations.
+
+    ``empirical`` holds one attack row per configuration, split and shape, ``runs`` every
+    certification row (all runs); both have ``config_key``, ``split_key`` and ``cell_key``.
+    The certified accuracy of the attacked images comes from a matching run (same model,
+    dataset, split and shape): recomputed from its per-image table, or its rows when it ran
+    on the same images; else from the attack's own certificate of them.
+    """
+    records, notes = [], []
+    for row in empirical.to_dict("records"):
+        patch, config = row["patch"], row["config"]
+        attack = usable(per_image(row["cell_key"]), ("index", "label", "prediction",
+                                                     f"broken_{patch}"))
+        n = len(attack) if attack is not None else int(row["n_images"])
+        index = (attack["index"].astype(int).tolist() if attack is not None
+                 else list(range(n)))  # an attack runs on the first n images of its split
+        own = {c: row.get(f"certified_accuracy_{c}", np.nan) for c in CONDITIONS}
+        found = run_certified(row, index, runs, per_image)
+        if found is not None:
+            accuracy, by, run_mask = found
+            if (pd.notna(own["tight"]) and "tight" in accuracy
+                    and abs(own["tight"] - accuracy["tight"]) > 1e-9):
+                notes.append(f"{config} at {patch}: the run certifies "
+                             f"{100 * accuracy['tight']:.1f}% (tight) of these images, the "
+                             f"attack's own pass {100 * own['tight']:.1f}% (another device, "
+                             "precision or batch?).")
+        else:
+            accuracy = {c: v for c, v in own.items() if pd.notna(v)}
+            by, run_mask = ("attack pass" if accuracy else None), None
+        violations = row.get("n_violations", np.nan)
+        if attack is not None:
+            certified = np.zeros(n, dtype=bool)
+            if f"margin_tight_{patch}" in attack:
+                certified |= (attack[f"margin_tight_{patch}"] >= 0).to_numpy()
+            if run_mask is not None:
+                certified |= run_mask
+            if run_mask is not None or f"margin_tight_{patch}" in attack:
+                found_here = int((attack[f"broken_{patch}"].astype(bool).to_numpy()
+                                  & certified).sum())
+                violations = found_here if pd.isna(violations) else max(int(violations),
+                                                                        found_here)
+        empirical_pct = 100 * row["empirical_accuracy"]
+        records.append({
+            "dataset": row["dataset"], "config": config, "split": row["split_key"] or None,
+            "patch": patch, "images": n, "clean (%)": 100 * row["clean_accuracy"],
+            **{f"{c} (%)": 100 * accuracy.get(c, np.nan) for c in CONDITIONS},
+            "empirical (%)": empirical_pct,
+            GAP: empirical_pct - 100 * accuracy.get("tight", np.nan),
+            "attacked": row.get("n_attacked", np.nan), "violations": violations,
+            "certified by": by, "budget": budget_text(row)})
+    frame = pd.DataFrame(records).astype({"attacked": "Int64", "violations": "Int64"})
+    note = ("On the images the attack ran on (`images`, the first of the split). Certified: "
+            "correct and certified, from the certification run's per-image table for those "
+            "images (`certified by`), else from the attack's own certificate of them. "
+            "Empirical: correct and not broken by the attack, an upper bound on robust "
+            f"accuracy; {GAP}: empirical minus tight, >= 0 for a sound certificate. Attacked: "
+            "the images attacked (correct or certified). Violations: certified (tight) images "
+            "whose prediction the attack changed; must be 0.")
+    if (frame["violations"].fillna(0) > 0).any():
+        note = ("**Soundness violation: certified images were broken (`violations` > 0); a "
+                "certificate is wrong.** " + note)
+    return Table("certified_vs_attacked", "Certified vs attacked (%)", frame,
+                 " ".join([note, *notes]))
+
+
+def usable(table: pd.DataFrame | None, needed: tuple[str, ...]) -> pd.DataFrame | None:
+    """The per-image table if it has the columns needed, else None."""
+    if table is None or not set(needed) <= set(table.columns):
+        return None
+    return table
+
+
+def run_certified(row: dict, index: list[int], runs: pd.DataFrame, per_image: PerImage
+                  ) -> tuple[dict[str, float], str, np.ndarray | None] | None:
+    """(accuracy per condition, source, tight-certified mask or None) of the attacked images
+    from the largest, newest matching run that covers them; None without one."""
+    patch = row["patch"]
+    mine = runs[(runs["config_key"] == row["config_key"]) & (runs["split_key"]
+                                                             == row["split_key"])
+                & (runs["patch"] == patch)]
+    by = [c for c in ("n_images", "timestamp") if c in mine]
+    mine = mine.sort_values(by, ascending=False, kind="stable", na_position="last")
+    for cell, run in mine.groupby("cell_key", sort=False):
+        name = f"run {cell[:8]}" if cell else "run"
+        margins = {c: f"margin_{c}_{patch}" for c in run["condition"]}
+        table = usable(per_image(cell), ("index", "label", "prediction", *margins.values()))
+        if table is not None and set(index) <= set(table["index"]):
+            sub = table.drop_duplicates("index").set_index("index").loc[index]
+            correct = sub["prediction"] == sub["label"]
+            accuracy = {c: float((correct & (sub[m] >= 0)).mean()) for c, m in margins.items()}
+            mask = (sub[margins["tight"]] >= 0).to_numpy() if "tight" in margins else None
+            return accuracy, f"{name}: {len(index)} of {len(table)} images", mask
+        if int(run["n_images"].iloc[0]) == len(index) and index == list(range(len(index))):
+            accuracy = dict(zip(run["condition"], run["certified_accuracy"], strict=True))
+            return accuracy, f"{name}: the same {len(index)} images", None
+    return None
+
+
+def budget_text(row: dict) -> str | None:
+    """The attack budget of a row, e.g. "steps 10, restarts 2, step 0.15, stride 7, worst 8"."""
+    parts = [f"{label} {format(row[f'attack_{key}'], 'g')}" for key, label in BUDGET
+             if pd.notna(row.get(f"attack_{key}", np.nan))]
+    return ", ".join(parts) or None
+
+
+def attack_sentences(attacks: pd.DataFrame) -> list[str]:
+    """The gap between attacked and certified accuracy, and whether a certificate broke."""
+    known = attacks.dropna(subset=[GAP])
+    broken = attacks[attacks["violations"].fillna(0) > 0]
+    out = []
+    below = known[known[GAP] < 0]
+    if not below.empty:  # only where a certified image was broken, or the bookkeeping is off
+        cases = ", ".join(f"{r['config']} at {r['patch']}" for _, r in below.iterrows())
+        out.append(f"Under the attack, accuracy falls {-below[GAP].max():.1f}"
+                   + (f"–{-below[GAP].min():.1f}" if len(below) > 1 else "")
+                   + " points below the certified (tight) accuracy of the same images for "
+                   f"{cases}, which a sound certificate rules out.")
+        known = known[known[GAP] >= 0]
+    if not known.empty:
+        low, high = known[GAP].min(), known[GAP].max()
+        span = f"{low:.1f}" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}–{high:.1f}"
+        text = (f"Under the attack, accuracy stays {span} points above the certified (tight) "
+                "accuracy of the same images")
+        if len(known) > 1:
+            widest = known.loc[known[GAP].idxmax()]
+            text += f" ({len(known)} configuration and shape pairs" + (
+                f"; the widest gap: {widest['config']} at {widest['patch']})" if high > low
+                else ")")
+        if broken.empty and attacks["violations"].notna().all():
+            text += "; no certified image was broken"
+        out.append(text + ".")
     if not broken.empty:
-        cases = ", ".join(f"{r['config']} at {r['patch']}" for _, r in broken.iterrows())
-        out.append(f"**Warning**: empirical accuracy is below certified accuracy for {cases}: "
-                   "a certificate or the attack is wrong (or they saw different images).")
+        cases = ", ".join(f"{r['config']} at {r['patch']} ({int(r['violations'])})"
+                          for _, r in broken.iterrows())
+        out.append(f"**Soundness violation**: the attack changed the prediction of "
+                   f"{int(broken['violations'].sum())} certified image(s) ({cases}): a "
+                   "certificate is wrong.")
     return out
 
 

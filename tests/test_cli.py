@@ -1,29 +1,21 @@
-"""The command line: bad input gives one line and the right exit code, good input gives results.
+"""The command line with good input: commands, tables and result files.
 
-Most cases go through click's CliRunner (in-process, fast); a couple run ``python -m
-patchbench`` in a real process to prove the exit code and the absence of a traceback there.
+Bad input (one line, the right exit code, no traceback) is tested in test_bad_input.py.
 """
 
 from __future__ import annotations
 
 import gzip
-import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from click.testing import CliRunner, Result
 
 from patchbench import __version__
 from patchbench.cli import cli
+from tests.conftest import TINY, Checkpoints
 
-# A model that trains in about a second on two shared CPU cores.
-TINY = ["--dataset", "synthetic", "--epochs", "1", "--max-train-images", "64", "--rf", "5",
-        "--width", "4"]
 RUN = ["run", "--defense", "bagcert", "--dataset", "synthetic", "--n-images", "8"]
 DEFENSES = ("bagcert", "ds-column", "ds-row", "ds-block")
 ROW_COLUMNS = ("patch", "condition", "clean_accuracy", "certified_accuracy", "n_images",
@@ -47,181 +39,6 @@ def assert_clean_exit(result: Result, code: int) -> None:
 def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The default ``--results-dir results`` must land in the test's folder, never the repo."""
     monkeypatch.chdir(tmp_path)
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    good: Path
-    sha256: str
-    truncated: Path
-    tampered_weights: Path
-    tampered_meta: Path
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
-    """One tiny BagCert checkpoint for the module, plus broken copies of it."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    good = folder / "bagcert.pt"
-    result = invoke("train", "--defense", "bagcert", *TINY, "--device", "cpu",
-                    "--output", str(good))
-    assert_clean_exit(result, 0)
-    assert result.stdout.strip() == str(good)
-    assert f"saved {good}" in result.stderr
-
-    truncated = folder / "truncated.pt"
-    raw = good.read_bytes()
-    truncated.write_bytes(raw[: len(raw) // 2])
-
-    payload = torch.load(good, weights_only=True)
-    state = payload["state_dict"]
-    key = next(k for k, v in state.items() if v.is_floating_point())
-    state[key] = state[key].clone()
-    state[key].view(-1)[0] += 1.0  # one weight changed, the stored sha256 kept
-    tampered_weights = folder / "tampered-weights.pt"
-    torch.save(payload, tampered_weights)
-
-    payload = torch.load(good, weights_only=True)
-    payload["meta"]["params"]["rf"] = 7  # claim another receptive field, same hash
-    tampered_meta = folder / "tampered-meta.pt"
-    torch.save(payload, tampered_meta)
-    return Checkpoints(good, torch.load(good, weights_only=True)["sha256"], truncated,
-                       tampered_weights, tampered_meta)
-
-
-# --- bad input: one table, exact exit codes ------------------------------------------------
-
-@dataclass(frozen=True)
-class Bad:
-    args: tuple[str, ...]  # "{good}", "{truncated}", ... and "{tmp}" are filled in
-    code: int
-    fragment: str
-
-
-NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-
-BAD_INPUT = {
-    # malformed patch shapes: click's usage error
-    "patch 5x": Bad((*RUN, "--patch", "5x"), 2, "malformed patch shape '5x'"),
-    "patch 0x3": Bad((*RUN, "--patch", "0x3"), 2, "has a zero side"),
-    "patch axb": Bad((*RUN, "--patch", "axb"), 2, "malformed patch shape 'axb'"),
-    "patch -1x2": Bad((*RUN, "--patch", "-1x2"), 2, "malformed patch shape '-1x2'"),
-    "patch empty": Bad((*RUN, "--patch", ""), 2, "empty patch shape"),
-    "patch empty token": Bad((*RUN, "--patch", "5x5,,2x2"), 2, "empty patch shape"),
-    "patch missing": Bad(RUN, 2, "Missing option '--patch'"),
-    "patch too large": Bad((*RUN, "--patch", "5x5,30x5"), 2,
-                           "patch 30x5 does not fit in the 28x28 images"),
-    # names and choices
-    "unknown defense": Bad(("run", "--defense", "nope", "--dataset", "synthetic", "--patch",
-                            "2x2"), 1,
-                           "unknown defense 'nope'; available: bagcert, ds-block, ds-column"),
-    "unknown defense (train)": Bad(("train", "--defense", "nope", "--dataset", "synthetic"), 1,
-                                   "unknown defense 'nope'; available:"),
-    "missing defense": Bad(("run", "--patch", "2x2"), 2, "Missing option '--defense'"),
-    "unknown dataset": Bad(("run", "--defense", "bagcert", "--dataset", "mnist", "--patch",
-                            "2x2"), 2, "'mnist' is not one of"),
-    "unknown split": Bad((*RUN, "--patch", "2x2", "--split", "validation"), 2,
-                         "'validation' is not one of"),
-    "unknown condition": Bad((*RUN, "--patch", "2x2", "--condition", "tight,loose"), 2,
-                             "unknown condition(s) ['loose']; choose from tight, global"),
-    "empty condition": Bad((*RUN, "--patch", "2x2", "--condition", ","), 2,
-                           "unknown condition(s)"),
-    "n-images 0": Bad((*RUN, "--patch", "2x2", "--n-images", "0"), 2, "--n-images"),
-    # devices
-    "device cuda": pytest.param(Bad((*RUN, "--patch", "2x2", "--device", "cuda"), 2,
-                                    "cuda requested but CUDA is not available"), marks=NO_CUDA),
-    "device cuda:1": pytest.param(Bad((*RUN, "--patch", "2x2", "--device", "cuda:1"), 2,
-                                      "CUDA is not available"), marks=NO_CUDA),
-    "device tpu": Bad((*RUN, "--patch", "2x2", "--device", "tpu"), 2,
-                      "unknown device 'tpu'; use auto, cpu or cuda[:N]"),
-    # checkpoints
-    "checkpoint missing": Bad((*RUN, "--patch", "2x2", "--checkpoint", "{tmp}/none.pt"), 1,
-                              "checkpoint {tmp}/none.pt does not exist"),
-    "checkpoint truncated": Bad((*RUN, "--patch", "2x2", "--checkpoint", "{truncated}"), 1,
-                                "is unreadable or truncated"),
-    "checkpoint weights altered": Bad((*RUN, "--patch", "2x2", "--checkpoint",
-                                       "{tampered_weights}"), 1,
-                                      "was altered after it was written"),
-    "checkpoint meta altered": Bad((*RUN, "--patch", "2x2", "--checkpoint", "{tampered_meta}"),
-                                   1, "was altered after it was written"),
-    "checkpoint of another defense": Bad(("run", "--defense", "ds-column", "--dataset",
-                                          "synthetic", "--patch", "2x2", "--checkpoint",
-                                          "{good}"), 1,
-                                         "is for defense 'bagcert', not 'ds-column'"),
-    "checkpoint is a folder": Bad((*RUN, "--patch", "2x2", "--checkpoint", "{tmp}"), 2,
-                                  "is a directory"),
-    # defense parameters
-    "unknown parameter": Bad((*RUN, "--patch", "2x2", "--rf-size", "3"), 2,
-                             "defense 'bagcert' has no parameter(s) ['rf_size']"),
-    "bad parameter value": Bad((*RUN, "--patch", "2x2", "--rf", "abc"), 2,
-                               "parameter 'rf' expects int, got 'abc'"),
-    "parameter without value": Bad((*RUN, "--patch", "2x2", "--rf"), 2,
-                                   "option --rf needs a value"),
-    "stray argument": Bad((*RUN, "--patch", "2x2", "stray"), 2, "unexpected argument 'stray'"),
-    "bad parameter value (train)": Bad(("train", "--defense", "bagcert", "--dataset",
-                                        "synthetic", "--width", "wide"), 2,
-                                       "parameter 'width' expects int, got 'wide'"),
-    "unknown parameter next to --checkpoint": pytest.param(
-        Bad((*RUN, "--patch", "2x2", "--checkpoint", "{good}", "--rf-size", "3"), 2,
-            "has no parameter(s) ['rf_size']")),
-    "stray argument next to --checkpoint": pytest.param(
-        Bad((*RUN, "--patch", "2x2", "--checkpoint", "{good}", "stray"), 2,
-            "unexpected argument 'stray'")),
-    # training budget
-    "epochs 0": pytest.param(Bad(("train", "--defense", "bagcert", *TINY, "--epochs", "0",
-                                  "--output", "{tmp}/x.pt"), 2, "--epochs")),
-    "train batch size 0": pytest.param(Bad(("train", "--defense", "bagcert", *TINY,
-                                            "--train-batch-size", "0", "--output",
-                                            "{tmp}/x.pt"), 2, "--train-batch-size")),
-    # data and results folders
-    "fashion-mnist data dir missing": Bad(("run", "--defense", "bagcert", "--patch", "2x2",
-                                           "--data-dir", "{tmp}/nonexistent"), 1,
-                                          "Fashion-MNIST IDX files not found in "
-                                          "{tmp}/nonexistent: run 'apt-get install "
-                                          "dataset-fashion-mnist'"),
-    "fashion-mnist data dir is a file": Bad(("run", "--defense", "bagcert", "--patch", "2x2",
-                                             "--data-dir", "{good}"), 2, "is a file"),
-    "imagenet without data dir": Bad(("run", "--defense", "bagcert", "--dataset", "imagenet",
-                                      "--patch", "2x2"), 1,
-                                     "ImageNet must be given as an ImageFolder tree"),
-    "results dir is a file": Bad((*RUN, "--patch", "2x2", "--checkpoint", "{good}",
-                                  "--results-dir", "{good}"), 2, "is a file"),
-    "results dir under a file": pytest.param(
-        Bad((*RUN, "--patch", "2x2", "--checkpoint", "{good}", "--results-dir",
-             "{good}/results"), 1, "Error:")),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUT.values(), ids=BAD_INPUT.keys())
-def test_bad_input_is_one_line_and_the_right_exit_code(case: Bad, checkpoints: Checkpoints,
-                                                       tmp_path: Path) -> None:
-    fill = {"tmp": str(tmp_path), "good": str(checkpoints.good),
-            "truncated": str(checkpoints.truncated),
-            "tampered_weights": str(checkpoints.tampered_weights),
-            "tampered_meta": str(checkpoints.tampered_meta)}
-    result = invoke(*(arg.format(**fill) for arg in case.args))
-    assert_clean_exit(result, case.code)
-    assert case.fragment.format(**fill) in result.stderr
-    assert result.stderr.rstrip().splitlines()[-1].startswith("Error: ")
-    assert not (tmp_path / "results").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("args", "code", "fragment"), [
-    (("run", "--defense", "bagcert", "--dataset", "synthetic", "--patch", "5x"), 2,
-     "malformed patch shape '5x'"),
-    (("run", "--defense", "nope", "--dataset", "synthetic", "--patch", "2x2"), 1,
-     "unknown defense 'nope'"),
-], ids=["usage error", "user error"])
-def test_a_real_process_exits_cleanly(args: tuple[str, ...], code: int, fragment: str,
-                                      tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "patchbench", *args], cwd=tmp_path,
-                         env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == code, out.stderr
-    assert fragment in out.stderr
-    assert "Traceback" not in out.stderr + out.stdout
-    assert out.stderr.rstrip().splitlines()[-1].startswith("Error: ")
 
 
 # --- good input ----------------------------------------------------------------------------

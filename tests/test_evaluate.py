@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from patchbench.certify import Certificate, certify_votes
 from patchbench.data import load_dataset
+from patchbench.defense import get_defense
 from patchbench.defenses.bagcert import BagCert
-from patchbench.evaluate import certify_split, summarize
+from patchbench.defenses.smoothing import ColumnSmoothing
+from patchbench.evaluate import certify_split, for_inference, summarize
 from patchbench.patches import PatchShape
 
 PATCHES = [PatchShape(2, 2), PatchShape(2, 12)]
@@ -57,3 +60,38 @@ def test_a_defense_that_overrides_certify_is_certified_its_own_way():
     evaluation = certify_split(defense, model, data, PATCHES, ["tight"], show_progress=False)
     assert (evaluation.per_image["margin_tight_2x2"] == -7).all()
     assert evaluation.forward_seconds == 0
+
+
+class DataDependent(nn.Module):
+    """Control flow on values: torch.fx cannot trace it, so it must run unfolded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y
+
+
+@pytest.mark.parametrize("name", ["bagcert", "ds-column", "resnet18", "untraceable"])
+def test_for_inference_is_the_same_function_without_batchnorm(name: str) -> None:
+    torch.manual_seed(0)
+    if name == "untraceable":
+        model = DataDependent()
+    elif name == "resnet18":
+        model = ColumnSmoothing(base="resnet18").build_model((1, 28, 28), 10)
+    else:
+        model = get_defense(name)().build_model((1, 28, 28), 10)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1)  # statistics unlike the identity init
+        bn.running_var.uniform_(0.5, 2)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = for_inference(model)
+    x = torch.rand(8, 2 if name != "bagcert" else 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    folded = not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert folded == (name != "untraceable")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -4,8 +4,10 @@ PNG out, every number traceable to the rows, and one-line errors for bad folders
 Two tiny models are trained and certified once for the module (BagCert rf 5 and column
 smoothing, 64 synthetic images). Tiny models certify little, so a hand-made cell (BagCert
 rf 7, distinct numbers, an unknown checkpoint) and attack rows for it are added beside them:
-they exercise the receptive-field sweep, the tight-vs-global gains, the empirical column and
-the gallery's "checkpoint not found" note.
+they exercise the receptive-field sweep, the tight-vs-global gains, the certified-vs-attacked
+table and the gallery's "checkpoint not found" note. The certified-vs-attacked comparison on
+a subset of the certified images gets its own folder: an accurate BagCert model (trained on
+12 x 12 stripes in seconds) certified on 48 images and attacked on the first 16.
 """
 
 from __future__ import annotations
@@ -22,14 +24,21 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
+from patchbench.checkpoint import save_checkpoint
 from patchbench.cli import cli
+from patchbench.data import SYNTHETIC_CLASSES, ImageData, TensorImages, make_stripes
 from patchbench.defense import get_defense
 from patchbench.gallery import axis_intervals, worst_footprint
 from patchbench.patches import PatchShape
+from patchbench.train import TrainConfig, train
 
 PATCHES = "3x3,5x5,2x12,12x2"
 TINY = ["--dataset", "synthetic", "--n-images", "64", "--width", "8", "--epochs", "1",
         "--max-train-images", "256", "--device", "cpu"]
+CERTIFIED_IMAGES, ATTACKED = 48, 16  # the accurate model: certified on 48, attacked on 16
+ATTACK_PATCHES = ("12x12", "18x18")  # it certifies some images at 12 x 12, none at 18 x 18
+ATTACK_BUDGET = ["--steps", "3", "--restarts", "1", "--position-stride", "28",
+                 "--worst-positions", "3"]
 CRAFTED = {  # patch -> (tight, global, empirical) accuracy of the hand-made rf 7 cell
     "3x3": (0.50, 0.45, 0.55), "5x5": (0.40, 0.30, 0.45), "2x12": (0.30, 0.20, 0.40),
     "12x2": (0.35, 0.20, 0.42)}
@@ -60,7 +69,9 @@ class Built:
 
 def add_crafted_cell(results: Path) -> None:
     """A BagCert rf 7 cell copied from the real rf 5 one with other numbers, plus attack rows
-    (``metric`` = empirical) for it; the real files keep having no ``metric`` column."""
+    for it laid out as ``patchbench attack`` writes them (``metric`` = empirical, no
+    condition) on the same 64 images, without a per-image table; the real certification
+    files keep having no ``metric`` column."""
     real = pd.concat([pd.read_csv(p) for p in (results / "rows").glob("*.csv")])
     rows = real[real["defense"] == "bagcert"].copy()
     params = json.loads(rows["params"].iloc[0])
@@ -71,9 +82,14 @@ def add_crafted_cell(results: Path) -> None:
     rows["certified_accuracy"] = [CRAFTED[p][0 if c == "tight" else 1]
                                   for p, c in zip(rows["patch"], rows["condition"], strict=True)]
     rows.to_csv(results / "rows" / "crafted.csv", index=False)
-    attack = rows[rows["condition"] == "tight"].assign(
+    tight = rows[rows["condition"] == "tight"]
+    attack = tight.drop(columns=["condition", "certified_accuracy", "n_certified",
+                                 "certify_seconds", "forward_seconds", "train_config"]).assign(
         metric="empirical", cell="crafted-attack",
-        robust_accuracy=[CRAFTED[p][2] for p in rows.loc[rows["condition"] == "tight", "patch"]])
+        empirical_accuracy=[CRAFTED[p][2] for p in tight["patch"]],
+        certified_accuracy_tight=[CRAFTED[p][0] for p in tight["patch"]],
+        certified_accuracy_global=[CRAFTED[p][1] for p in tight["patch"]],
+        n_attacked=40, n_violations=0, attack_steps=10, attack_restarts=2)
     attack.to_csv(results / "rows" / "crafted-attack.csv", index=False)
 
 
@@ -124,17 +140,20 @@ def test_report_writes_markdown_figures_and_tables(built: Built) -> None:
         assert name in text
     for section in ("## Findings", "## Certified accuracy", "## Patch shapes",
                     "## Receptive-field sweep", "## Tight vs global",
-                    "## Certification time vs parameters", "## Gallery"):
+                    "## Certification time vs parameters", "## Certified vs attacked",
+                    "## Gallery"):
         assert section in text
+    assert "Soundness violation" not in text
     linked = re.findall(r"\]\((figures/[^)]+\.png)\)", text)
     assert {"figures/certified_vs_patch_size.png", "figures/patch_shapes.png",
-            "figures/time_vs_parameters.png"} <= set(linked)
+            "figures/time_vs_parameters.png", "figures/certified_vs_attacked.png"} <= set(linked)
     assert len([p for p in linked if "gallery" in p]) == 2  # rf 7 has no checkpoint
     for path in linked:
         with Image.open(built.out / path) as image:
             assert image.format == "PNG" and min(image.size) > 100
             image.verify()
-    for name in ("accuracy", "configurations", "rf_sweep", "tight_vs_global", "gallery"):
+    for name in ("accuracy", "configurations", "rf_sweep", "tight_vs_global", "gallery",
+                 "certified_vs_attacked"):
         assert f"(tables/{name}.csv)" in text
         tex = (built.out / "tables" / f"{name}.tex").read_text()
         assert tex.startswith("\\begin{tabular}") and "\\bottomrule" in tex
@@ -142,7 +161,8 @@ def test_report_writes_markdown_figures_and_tables(built: Built) -> None:
 
 def test_accuracy_table_matches_the_rows(built: Built) -> None:
     accuracy = table(built, "accuracy")
-    assert len(accuracy) == 3 * 4  # three configurations, four shapes
+    assert len(accuracy) == 3 * 4  # three configurations, four shapes; no attack row
+    assert "empirical (%)" not in accuracy
     certified = built.rows[built.rows["metric"].fillna("certified") == "certified"]
     for row in certified.itertuples():
         rf = json.loads(row.params).get("rf")
@@ -152,10 +172,6 @@ def test_accuracy_table_matches_the_rows(built: Built) -> None:
         assert mine[f"{row.condition} (%)"].iloc[0] == pytest.approx(
             100 * row.certified_accuracy)
         assert mine["clean (%)"].iloc[0] == pytest.approx(100 * row.clean_accuracy)
-    empirical = accuracy.set_index(["config", "patch"])["empirical (%)"]
-    for patch, (_, _, attacked) in CRAFTED.items():
-        assert empirical[("bagcert rf=7", patch)] == pytest.approx(100 * attacked)
-    assert empirical.drop("bagcert rf=7", level="config").isna().all()
 
 
 def test_gain_sweep_and_configuration_tables(built: Built) -> None:
@@ -191,8 +207,12 @@ def test_findings_are_computed_from_the_tables(built: Built) -> None:
     at_5x5 = gains.loc[gains["patch"] == "5x5", "gain (points)"].mean()
     assert (f"certifies {at_5x5:.1f} points more than the global one on average at 5x5"
             in findings)
-    gap = sum(e - t for t, _, e in CRAFTED.values()) / len(CRAFTED) * 100
-    assert f"keep {gap:.1f} points more accuracy than is certified" in findings
+    low, high = min(e - t for t, _, e in CRAFTED.values()), max(
+        e - t for t, _, e in CRAFTED.values())
+    assert (f"Under the attack, accuracy stays {100 * low:.1f}–{100 * high:.1f} points above "
+            "the certified (tight) accuracy of the same images (4 configuration and shape "
+            "pairs; the widest gap: bagcert rf=7 at 2x12); no certified image was broken."
+            in findings)
     assert "Across receptive fields 5, 7, rf 7 certifies the most at 5x5 (40.0%" in findings
     assert "Patch orientation matters most to **bagcert rf=7**: 30.0% at 2x12" in findings
 
@@ -220,8 +240,207 @@ def test_filters_keep_only_what_was_asked(built: Built) -> None:
     text = (out / "report.md").read_text()
     assert "bagcert" not in text and "## Failed cells" not in text
     assert "_No configuration has a receptive-field (`rf`) parameter._" in text
+    # no attack rows in this selection: no attack section, no attack table
+    assert "## Certified vs attacked" not in text and "empirical" not in text
+    assert not (out / "tables" / "certified_vs_attacked.csv").exists()
     assert list(pd.read_csv(out / "tables" / "configurations.csv")["config"]) == ["ds-column"]
     assert len(pd.read_csv(out / "tables" / "accuracy.csv")) == 4
+
+
+def test_crafted_attack_rows_use_the_rows_of_the_same_images(built: Built) -> None:
+    """The crafted attack ran on the run's own 64 images and has no per-image table: the
+    certified columns are the run's rows."""
+    attacks = table(built, "certified_vs_attacked").set_index(["config", "patch"])
+    assert sorted(attacks.index) == sorted(("bagcert rf=7", p) for p in CRAFTED)
+    for patch, (tight, global_, empirical) in CRAFTED.items():
+        mine = attacks.loc[("bagcert rf=7", patch)]
+        assert mine["images"] == 64 and mine["certified by"] == "run crafted: the same 64 images"
+        assert mine[["clean (%)", "tight (%)", "global (%)", "empirical (%)",
+                     "gap (points)"]].tolist() == pytest.approx(
+            [60.0, 100 * tight, 100 * global_, 100 * empirical, 100 * (empirical - tight)])
+        assert mine["attacked"] == 40 and mine["violations"] == 0
+        assert mine["budget"] == "steps 10, restarts 2"
+
+
+def accurate_checkpoint(path: Path) -> Path:
+    """BagCert trained on 12 x 12 stripes (as in test_attack); the network is fully
+    convolutional, so it votes on the 28 x 28 synthetic images as well."""
+    torch.manual_seed(0)
+    defense = get_defense("bagcert")(rf=5, width=8, patch_min=1, patch_max=3, lr=3e-3,
+                                     cell_loss="ce")
+    images, labels = make_stripes(512, size=12, seed=0)
+    data = ImageData("synthetic", "train", TensorImages(images, labels), (1, 12, 12),
+                     SYNTHETIC_CLASSES)
+    model, _ = train(defense, data, TrainConfig(epochs=3, batch_size=32, crop_padding=0),
+                     show_progress=False)
+    save_checkpoint(path, defense, model, {"dataset": "synthetic", "in_shape": [1, 12, 12],
+                                           "classes": list(SYNTHETIC_CLASSES)})
+    return path
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """``run`` on the first 48 images and ``attack`` on the first 16, one results folder."""
+    root = tmp_path_factory.mktemp("attacked")
+    results, cache, out = root / "results", root / "cache", root / "reports"
+    checkpoint = accurate_checkpoint(root / "bagcert.pt")
+    common = ["--defense", "bagcert", "--dataset", "synthetic", "--patch",
+              ",".join(ATTACK_PATCHES), "--checkpoint", str(checkpoint), "--device", "cpu",
+              "--results-dir", str(results)]
+    run = invoke("run", *common, "--n-images", str(CERTIFIED_IMAGES), cache=cache)
+    assert run.exit_code == 0, run.output
+    attack = invoke("attack", *common, "--n-images", str(ATTACKED), *ATTACK_BUDGET,
+                    cache=cache)
+    assert attack.exit_code == 0, attack.output
+    result = invoke("report", "--results-dir", str(results), "--out", str(out),
+                    "--gallery-images", "0", cache=cache)
+    rows = pd.concat([pd.read_csv(p) for p in (results / "rows").glob("*.csv")],
+                     ignore_index=True)
+    return Built(results, out, result, rows)
+
+
+def per_image(results: Path, cell: str) -> pd.DataFrame:
+    return pd.read_csv(results / "per_image" / f"{cell}.csv.gz")
+
+
+def test_certified_vs_attacked_is_recomputed_on_the_attacked_images(attacked: Built) -> None:
+    """The attack ran on the first 16 of the 48 certified images: the certified columns are
+    recomputed from the run's per-image margins of those 16, the empirical ones from the
+    attack's per-image outcomes, the gap and the violations from both."""
+    assert attacked.result.exit_code == 0, attacked.result.output
+    attacks = table(attacked, "certified_vs_attacked").set_index("patch")
+    assert list(attacks.index) == list(ATTACK_PATCHES)
+    metric = attacked.rows["metric"].fillna("certified")
+    (run_cell,) = set(attacked.rows.loc[metric == "certified", "cell"])
+    (attack_cell,) = set(attacked.rows.loc[metric == "empirical", "cell"])
+    run = per_image(attacked.results, run_cell)
+    attack = per_image(attacked.results, attack_cell)
+    assert len(run) == CERTIFIED_IMAGES and attack["index"].tolist() == list(range(ATTACKED))
+    first = run[run["index"] < ATTACKED]
+    correct = first["prediction"] == first["label"]
+    attack_correct = attack["prediction"] == attack["label"]
+    for patch in ATTACK_PATCHES:
+        mine = attacks.loc[patch]
+        certified = first[f"margin_tight_{patch}"] >= 0
+        tight = 100 * (correct & certified).mean()
+        global_ = 100 * (correct & (first[f"margin_global_{patch}"] >= 0)).mean()
+        empirical = 100 * (attack_correct & ~attack[f"broken_{patch}"]).mean()
+        assert mine["config"] == "bagcert" and mine["split"] == "test"
+        assert mine["images"] == ATTACKED
+        assert mine["clean (%)"] == pytest.approx(100 * attack_correct.mean())
+        assert mine["tight (%)"] == pytest.approx(tight)
+        assert mine["global (%)"] == pytest.approx(global_)
+        assert mine["empirical (%)"] == pytest.approx(empirical)
+        assert mine["gap (points)"] == pytest.approx(empirical - tight)
+        assert mine["attacked"] == attack[f"attacked_{patch}"].sum()
+        assert mine["violations"] == (attack[f"broken_{patch}"] & certified.to_numpy()).sum() == 0
+        assert mine["certified by"] == (
+            f"run {run_cell[:8]}: {ATTACKED} of {CERTIFIED_IMAGES} images")
+        assert mine["budget"] == "steps 3, restarts 1, step 0.15, stride 28, worst 3"
+    # not vacuous: images certified at 12 x 12, and images the attack broke
+    assert attacks.loc["12x12", "tight (%)"] > 0 and attack["broken_18x18"].any()
+    text = (attacked.out / "report.md").read_text()
+    findings = text.split("## Findings")[1].split("##")[0]
+    gaps = attacks["gap (points)"]
+    assert (f"Under the attack, accuracy stays {gaps.min():.1f}–{gaps.max():.1f} points above "
+            "the certified (tight) accuracy of the same images (2 configuration and shape "
+            "pairs; the widest gap: bagcert at 18x18); no certified image was broken."
+            in findings)
+    assert "(figures/certified_vs_attacked.png)" in text
+
+
+def test_an_attack_only_folder_gets_a_report(attacked: Built, tmp_path: Path) -> None:
+    """Attack rows alone: the attack's own certificate of its images, no certified sections."""
+    results = tmp_path / "results"
+    (results / "rows").mkdir(parents=True)
+    (results / "per_image").mkdir()
+    attack_rows = attacked.rows[attacked.rows["metric"] == "empirical"]
+    (cell,) = set(attack_rows["cell"])
+    for sub, suffix in (("rows", ".csv"), ("per_image", ".csv.gz")):
+        (results / sub / f"{cell}{suffix}").write_bytes(
+            (attacked.results / sub / f"{cell}{suffix}").read_bytes())
+    out = tmp_path / "out"
+    result = invoke("report", "--results-dir", str(results), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    assert "0 certified rows, 2 empirical (attack) rows" in text
+    assert "_No certification rows (`patchbench run`) in this selection" in text
+    for section in ("## Patch shapes", "## Tight vs global", "## Gallery"):
+        assert section not in text
+    assert "## Certified vs attacked" in text and "(figures/certified_vs_attacked.png)" in text
+    with Image.open(out / "figures" / "certified_vs_attacked.png") as image:
+        image.verify()
+    attacks = pd.read_csv(out / "tables" / "certified_vs_attacked.csv").set_index("patch")
+    assert (attacks["certified by"] == "attack pass").all()
+    for row in attack_rows.to_dict("records"):
+        mine = attacks.loc[row["patch"]]
+        assert mine["images"] == row["n_images"] == ATTACKED
+        assert mine["tight (%)"] == pytest.approx(100 * row["certified_accuracy_tight"])
+        assert mine["global (%)"] == pytest.approx(100 * row["certified_accuracy_global"])
+        assert mine["empirical (%)"] == pytest.approx(100 * row["empirical_accuracy"])
+        assert mine["violations"] == row["n_violations"] == 0
+    # the attack certifies its images as the run does
+    full = table(attacked, "certified_vs_attacked").set_index("patch")
+    assert attacks["tight (%)"].tolist() == pytest.approx(full["tight (%)"].tolist())
+    findings = text.split("## Findings")[1].split("##")[0]
+    assert "Under the attack, accuracy stays" in findings
+    assert "no certified image was broken." in findings
+
+
+def write_handmade(results: Path) -> None:
+    """A certification run of 10 images (5x5, tight and global) and an attack of its first 4
+    that breaks image 1, certified (tight margin 3): a soundness violation."""
+    common = {"defense": "bagcert", "dataset": "synthetic", "split": "test",
+              "params": json.dumps({"rf": 5}), "checkpoint_sha256": "a" * 64, "patch": "5x5",
+              "patch_h": 5, "patch_w": 5, "timestamp": "2026-01-01T00:00:00+00:00"}
+    for sub in ("rows", "per_image"):
+        (results / sub).mkdir(parents=True, exist_ok=True)
+    tight = [5, 3, -1, 2, -4, 6, 1, -2, -5, -3]
+    labels, predictions = [0] * 10, [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
+    pd.DataFrame({"index": range(10), "label": labels, "prediction": predictions,
+                  "margin_tight_5x5": tight, "margin_global_5x5": [m - 1 for m in tight]}
+                 ).to_csv(results / "per_image" / "run1.csv.gz", index=False)
+    pd.DataFrame([{**common, "cell": "run1", "condition": c, "n_images": 10,
+                   "clean_accuracy": 0.9, "certified_accuracy": a}
+                  for c, a in (("tight", 0.4), ("global", 0.3))]).to_csv(
+        results / "rows" / "run1.csv", index=False)
+    pd.DataFrame({"index": range(4), "label": labels[:4], "prediction": predictions[:4],
+                  "margin_tight_5x5": tight[:4], "margin_global_5x5": [m - 1 for m in tight[:4]],
+                  "attacked_5x5": [True] * 4, "broken_5x5": [False, True, True, False]}
+                 ).to_csv(results / "per_image" / "attack1.csv.gz", index=False)
+    pd.DataFrame([{**common, "cell": "attack1", "metric": "empirical", "n_images": 4,
+                   "clean_accuracy": 0.75, "empirical_accuracy": 0.25,
+                   "certified_accuracy_tight": 0.5, "certified_accuracy_global": 0.5,
+                   "n_attacked": 4, "n_violations": 1}]).to_csv(
+        results / "rows" / "attack1.csv", index=False)
+
+
+def test_a_broken_certificate_is_shown_prominently(tmp_path: Path) -> None:
+    results, out = tmp_path / "results", tmp_path / "out"
+    write_handmade(results)
+    result = invoke("report", "--results-dir", str(results), "--out", str(out),
+                    "--gallery-images", "0")
+    assert result.exit_code == 0, result.output
+    (row,) = pd.read_csv(out / "tables" / "certified_vs_attacked.csv").to_dict("records")
+    # images 0-3: correct, correct, correct, wrong; tight margins 5, 3, -1, 2; broken: 1, 2
+    assert row["images"] == 4 and row["clean (%)"] == pytest.approx(75.0)
+    assert row["tight (%)"] == pytest.approx(50.0)  # the whole run: 40.0
+    assert row["global (%)"] == pytest.approx(50.0)  # the whole run: 30.0
+    assert row["empirical (%)"] == pytest.approx(25.0)
+    assert row["gap (points)"] == pytest.approx(-25.0)
+    assert row["violations"] == 1 and row["certified by"] == "run run1: 4 of 10 images"
+    text = (out / "report.md").read_text()
+    head = text.split("## Findings")[0]
+    assert "> **Soundness violation**: the attack broke 1 certified image(s)" in head
+    findings = text.split("## Findings")[1].split("##")[0]
+    assert ("**Soundness violation**: the attack changed the prediction of 1 certified image(s) "
+            "(bagcert at 5x5 (1))") in findings
+    assert ("Under the attack, accuracy falls 25.0 points below the certified (tight) accuracy "
+            "of the same images for bagcert at 5x5, which a sound certificate rules out."
+            in findings)
+    assert "no certified image" not in findings
+    assert "**Soundness violation: certified images were broken" in text.split(
+        "## Certified vs attacked")[1]
 
 
 def test_failed_cells_are_listed(built: Built) -> None:
@@ -241,6 +460,7 @@ def write_rows(folder: Path, text: str) -> Path:
     ("missing", "does not exist"),
     ("empty folder", "holds no result rows"),
     ("empty rows folder", "holds no result rows"),
+    ("benchmark rows only", "holds no result rows of a certification or an attack"),
     ("garbage", "malformed results file"),
     ("empty file", "malformed results file"),
     ("missing columns", "lack column(s) patch_h, patch_w"),
@@ -257,6 +477,9 @@ def test_bad_results_folders_are_one_line_errors(tmp_path: Path, case: str,
         folder.mkdir()
     elif case == "empty rows folder":
         (folder / "rows").mkdir(parents=True)
+    elif case == "benchmark rows only":
+        write_rows(folder, "benchmark,run_id,metric,statistic,value,unit,defense\n"
+                           "bench,x,forward_seconds,median,1.0,s,bagcert\n")
     elif case == "garbage":
         write_rows(folder, 'a,b\n1,2,3,4\n"unclosed\n')
     elif case == "empty file":
