@@ -56,7 +56,7 @@ from patchbench.certify import CONDITIONS, Certificate, certify_votes
 from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData, batches
 from patchbench.defense import Defense
-from patchbench.evaluate import for_inference
+from patchbench.evaluate import for_inference, loader_options
 from patchbench.patches import PatchShape, box_masks, check_fits
 from patchbench.progress import progress_bar
 from patchbench.results import atomic_write_csv, cell_id, rows_path, system_info
@@ -153,7 +153,7 @@ def attack_split(defense: Defense, model: nn.Module, data: ImageData,
     start = time.perf_counter()
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"attack {defense.name}", total=len(data) * len(patches), status="")
-        for images, labels in batches(data, batch_size):
+        for images, labels in batches(data, batch_size, **loader_options(device)):
             images, labels = images.to(device), labels.to(device)
             with torch.no_grad():
                 votes = defense.votes(model, images)

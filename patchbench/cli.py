@@ -180,6 +180,15 @@ def parse_conditions(ctx, param, value: str) -> list[str]:
     return conditions
 
 
+def precision_option(fn):
+    """``--precision fp32|bf16|fp16``: the floating-point precision votes are computed in."""
+    from patchbench.evaluate import PRECISIONS
+
+    return click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32",
+                        show_default=True,
+                        help="Precision of the model and images the votes come from.")(fn)
+
+
 @cli.command("run", context_settings=EXTRA_ARGS)
 @click.option("--defense", "defense_lists", multiple=True, required=True,
               help="Registered defense names, comma list (repeatable).")
@@ -194,6 +203,7 @@ def parse_conditions(ctx, param, value: str) -> list[str]:
 @click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
               help="With --backend ray, each worker resolves it (one GPU per cell on CUDA).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@precision_option
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
@@ -211,7 +221,8 @@ def parse_conditions(ctx, param, value: str) -> list[str]:
 def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
                 condition: list[str], dataset: str, data_dir: Path | None, download: bool,
                 split: str, n_images: int | None, device: str, batch_size: int,
-                results_dir: Path, checkpoint: Path | None, force: bool, backend: str,
+                precision: str, results_dir: Path, checkpoint: Path | None, force: bool,
+                backend: str,
                 n_jobs: int | None, ray_address: str | None, **kwargs) -> None:
     """Certify every model configuration of a sweep, training missing models.
 
@@ -225,7 +236,7 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
                           train=train_overrides(kwargs), results_dir=results_dir, force=force,
                           device=device, batch_size=batch_size, data_dir=data_dir,
                           download=download, checkpoint=checkpoint, backend=backend,
-                          n_jobs=n_jobs, ray_address=ray_address)
+                          n_jobs=n_jobs, ray_address=ray_address, precision=precision)
     except SweepError as err:
         if err.option:
             raise click.BadParameter(str(err), param_hint=f"'{err.option}'") from None
@@ -379,15 +390,6 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
 
 
 # --- bench ----------------------------------------------------------------------------------
-
-def precision_option(fn):
-    """``--precision fp32|bf16|fp16``: the floating-point precision votes are computed in."""
-    from patchbench.evaluate import PRECISIONS
-
-    return click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32",
-                        show_default=True,
-                        help="Precision of the model and images the votes come from.")(fn)
-
 
 def parse_int_list(ctx, param, value: str) -> tuple[int, ...]:
     try:

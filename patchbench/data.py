@@ -95,13 +95,19 @@ class TensorImages(Dataset):
 
 def batches(data: ImageData, batch_size: int, shuffle: bool = False, seed: int = 0,
             num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """Iterate (images, labels) batches; in-memory data is sliced without a per-item loop."""
+    """Iterate (images, labels) batches; in-memory data is sliced without a per-item loop.
+
+    ``pin_memory`` (for a GPU) returns page-locked batches, so that ``.to(device,
+    non_blocking=True)`` overlaps the copy with the GPU's work; ``num_workers`` decode files
+    (ImageFolder data) in parallel processes.
+    """
     if isinstance(data.dataset, TensorImages):
         n = len(data)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
                  else torch.arange(n))
         for lo in range(0, n, batch_size):
-            yield data.dataset[order[lo:lo + batch_size]]
+            images, labels = data.dataset[order[lo:lo + batch_size]]
+            yield (images.pin_memory(), labels.pin_memory()) if pin_memory else (images, labels)
         return
     loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=shuffle,
                         num_workers=num_workers, pin_memory=pin_memory,

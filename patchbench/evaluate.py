@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,14 @@ def at_precision(model: nn.Module, precision: str) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
+def loader_options(device: torch.device) -> dict[str, object]:
+    """How ``batches`` feeds ``device``: on a GPU, pinned batches (asynchronous copies) and
+    worker processes for file-backed data; on a CPU, the plain in-process loop."""
+    if device.type != "cuda":
+        return {}
+    return {"pin_memory": True, "num_workers": min(8, os.cpu_count() or 1)}
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so that clocks measure finished work."""
     if device.type == "cuda":
@@ -91,7 +100,7 @@ def certify_split(defense: Defense, model: nn.Module, data: ImageData,
     frames, forward_s, core_s, offset = [], 0.0, 0.0, 0
     with progress_bar(show_progress) as bar, torch.no_grad():
         task = bar.add_task(f"certify {defense.name}", total=len(data), status="")
-        for images, labels in batches(data, batch_size):
+        for images, labels in batches(data, batch_size, **loader_options(device)):
             images = images.to(device, dtype, non_blocking=True)
             synchronize(device)
             t0 = time.perf_counter()

@@ -73,7 +73,8 @@ def prepare(results_dir: Path) -> None:
 
 
 def write_cell(results_dir: Path, cell: str, checkpoint: Checkpoint, data: ImageData,
-               summary: pd.DataFrame, evaluation: Evaluation, device: torch.device) -> Path:
+               summary: pd.DataFrame, evaluation: Evaluation, device: torch.device,
+               precision: str = "fp32") -> Path:
     """Add provenance columns to ``summary``, write per-image then rows; return rows path.
 
     Each file is replaced atomically, so a re-run (``--force``) or a concurrent run of the
@@ -95,7 +96,7 @@ def write_cell(results_dir: Path, cell: str, checkpoint: Checkpoint, data: Image
                                  if f"train_{f.name}" in train}, sort_keys=True),
         checkpoint_sha256=checkpoint.sha256,
         timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **system_info(device))
+        **{**system_info(device), "precision": precision})
     atomic_write_csv(evaluation.per_image.assign(cell=cell),
                      results_dir / "per_image" / f"{cell}.csv.gz")
     path = rows_path(results_dir, cell)

@@ -33,7 +33,7 @@ from patchbench.certify import CONDITIONS
 from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from patchbench.data import ImageData, load_dataset
 from patchbench.defense import Defense, UnknownDefenseError, get_defense, registered_defenses
-from patchbench.evaluate import certify_split, summarize
+from patchbench.evaluate import PRECISIONS, certify_split, summarize
 from patchbench.options import DeviceType
 from patchbench.patches import PatchShape, check_fits, parse_patches
 from patchbench.progress import progress_bar
@@ -77,6 +77,7 @@ class Cell:
     n_images: int
     patches: tuple[str, ...]
     conditions: tuple[str, ...]
+    precision: str = "fp32"  # the votes' precision (evaluate.for_inference)
     checkpoint: str | None = None  # an explicit checkpoint file instead of the cache's
     checkpoint_sha256: str | None = None
 
@@ -89,7 +90,9 @@ class Cell:
                  {"model": self.model} if self.model else {"train": self.train})
         return {"defense": self.defense, "params": self.params, **model,
                 "dataset": self.dataset, "split": self.split, "n_images": self.n_images,
-                "patches": sorted(self.patches), "conditions": sorted(self.conditions)}
+                "patches": sorted(self.patches), "conditions": sorted(self.conditions),
+                # fp32 cells keep the ids they had before precision was a choice
+                **({"precision": self.precision} if self.precision != "fp32" else {})}
 
     @property
     def id(self) -> str:
@@ -133,7 +136,7 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
               data_dir: str | Path | None = None, download: bool = False,
               checkpoint: str | Path | None = None, backend: str = "local",
               n_jobs: int | None = None, ray_address: str | None = None,
-              show_progress: bool = True) -> pd.DataFrame:
+              show_progress: bool = True, precision: str = "fp32") -> pd.DataFrame:
     """Certify every model configuration of a grid, training the models that are missing.
 
     ``defenses``: registered names (a list, or a comma-separated string). ``params``: defense
@@ -155,7 +158,7 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
     device_text = check_device(device, backend)
     cells = plan(defenses, patches, dataset, params or {}, split=split, n_images=n_images,
                  conditions=conditions, train=train or {}, checkpoint=checkpoint,
-                 data_dir=data_dir, download=download)
+                 data_dir=data_dir, download=download, precision=precision)
     results_dir = Path(results_dir).resolve()
     prepare(results_dir)
     todo = [cell for cell in cells if force or not is_finished(results_dir, cell.id)]
@@ -198,7 +201,7 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
          params: Mapping[str, Any], *, split: str, n_images: int | None,
          conditions: str | Sequence[str], train: Mapping[str, Any],
          checkpoint: str | Path | None, data_dir: str | Path | None,
-         download: bool) -> list[Cell]:
+         download: bool, precision: str = "fp32") -> list[Cell]:
     """The sweep's cells, checked as far as possible without loading any model."""
     names = _names(defenses)
     try:
@@ -207,6 +210,9 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
     except ValueError as err:
         raise SweepError(str(err), "--patch") from None
     conditions = _names(conditions, "condition", "--condition")
+    if precision not in PRECISIONS:
+        raise SweepError(f"unknown precision {precision!r}; choose from "
+                         f"{', '.join(PRECISIONS)}", "--precision")
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise SweepError(f"unknown condition(s) {unknown}; choose from {', '.join(CONDITIONS)}",
@@ -223,7 +229,8 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
     except ValueError as err:
         raise SweepError(str(err), "--patch") from None
     common = {"dataset": dataset, "split": split, "n_images": len(data),
-              "patches": tuple(str(s) for s in shapes), "conditions": tuple(conditions)}
+              "patches": tuple(str(s) for s in shapes), "conditions": tuple(conditions),
+              "precision": precision}
     cells: dict[str, Cell] = {}
     for name, cls in classes.items():
         for given in grids[name]:
@@ -402,9 +409,10 @@ def run_cell(cell: Cell, job: Job) -> Outcome:
         loaded = dataclasses.replace(load_model(cell, defense, job, device), defense=defense)
         patches = parse_patches(list(cell.patches))
         evaluation = certify_split(defense, loaded.model, data, patches, cell.conditions,
-                                   job.batch_size, device, job.show_progress)
+                                   job.batch_size, device, job.show_progress, cell.precision)
         summary = summarize(evaluation, patches, cell.conditions)
-        path = write_cell(results_dir, cell.id, loaded, data, summary, evaluation, device)
+        path = write_cell(results_dir, cell.id, loaded, data, summary, evaluation, device,
+                          cell.precision)
     except ResultsError:
         raise  # the results folder itself is broken: no cell can be recorded
     except Exception as err:  # isolation: a failing defense fails its own cell only

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from patchbench.certify import Certificate, certify_votes
-from patchbench.data import load_dataset
+from patchbench.data import batches, load_dataset
 from patchbench.defense import get_defense
 from patchbench.defenses.bagcert import BagCert
 from patchbench.defenses.smoothing import ColumnSmoothing
-from patchbench.evaluate import certify_split, for_inference, summarize
+from patchbench.evaluate import certify_split, for_inference, loader_options, summarize
 from patchbench.patches import PatchShape
 
 PATCHES = [PatchShape(2, 2), PatchShape(2, 12)]
@@ -95,3 +95,16 @@ def test_for_inference_is_the_same_function_without_batchnorm(name: str) -> None
     folded = not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert folded == (name != "untraceable")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_gpu_is_fed_pinned_batches_by_workers_and_a_cpu_in_process() -> None:
+    assert loader_options(torch.device("cpu")) == {}
+    gpu = loader_options(torch.device("cuda", 0))  # a device object needs no GPU
+    assert gpu["pin_memory"] is True and 1 <= gpu["num_workers"] <= 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning needs CUDA")
+def test_pinned_batches_hold_the_same_images() -> None:
+    data = load_dataset("synthetic", split="test").subset(20)
+    for (a, y), (b, z) in zip(batches(data, 8), batches(data, 8, pin_memory=True), strict=True):
+        assert b.is_pinned() and torch.equal(a, b) and torch.equal(y, z)

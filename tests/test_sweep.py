@@ -263,3 +263,19 @@ def test_the_ray_backend_gives_the_rows_of_the_local_one(copy: Sweep, tmp_path: 
         with gzip.open(tmp_path / "local" / "per_image" / f"{cell}.csv.gz", "rt") as a, \
                 gzip.open(tmp_path / "ray" / "per_image" / f"{cell}.csv.gz", "rt") as b:
             pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b))
+
+
+def test_a_lower_precision_is_a_cell_of_its_own_recorded_on_its_rows(copy: Sweep) -> None:
+    """bf16 votes may differ from fp32 ones, so they never count as the fp32 cell finished;
+    fp32 cells keep their ids (no precision in their identity)."""
+    fp32 = load_results(copy.results)
+    assert set(fp32["precision"]) == {"fp32"}
+    low = invoke(*SWEEP, "--results-dir", str(copy.results), "--precision", "bf16")
+    assert_clean_exit(low, 0)
+    assert "saved " not in low.stderr and low.stderr.count("certified in") == 2
+    table = load_results(copy.results)
+    bf16 = table[table["precision"] == "bf16"]
+    assert len(bf16) == 8 and set(bf16["cell"]).isdisjoint(fp32["cell"])
+    # the same models: clean accuracy at bf16 stays close to fp32's
+    merged = bf16.merge(fp32, on=["param_rf", "patch", "condition"], suffixes=("", "_fp32"))
+    assert (merged["clean_accuracy"] - merged["clean_accuracy_fp32"]).abs().max() <= 0.1
