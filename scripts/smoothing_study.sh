@@ -5,6 +5,7 @@
 # of the best clean accuracy) and only the chosen threshold is certified on the test set.
 # Models already trained (shipped in checkpoints/ or cached) are reused, finished cells skipped.
 set -euo pipefail
+source "$(dirname "$0")/grid.sh"
 thresholds=0.15,0.2,0.25,0.3,0.35,0.4,0.5
 val=${VALIDATION:-results/validation}
 test=${RESULTS:-results}
@@ -22,5 +23,5 @@ for study in "${studies[@]}"; do
     --n-images "$n_val" --threshold "$thresholds" --patch 5x5 --results-dir "$val/$defense"
   threshold=$(patchbench select --results-dir "$val/$defense" --defense "$defense" --param threshold)
   patchbench run --defense "$defense" "${params[@]}" "${recipe[@]}" --threshold "$threshold" \
-    --patch 1x1,2x2,3x3,4x4,5x5,6x6,2x12,12x2 --results-dir "$test"
+    --patch "$GRID" --results-dir "$test"
 done
