@@ -32,7 +32,7 @@ from patchbench.defense import (
 )
 from patchbench.options import DeviceType, PatchListType, flatten_patches, parse_extra_params
 from patchbench.patches import check_fits, parse_patches
-from patchbench.report import build_report
+from patchbench.report import build_report, headline_block, update_readme
 from patchbench.results import ResultsError, load_results
 from patchbench.selection import defense_rows, select_setting
 from patchbench.sweep import BACKENDS, SweepError, run_sweep
@@ -285,10 +285,18 @@ def _value(value) -> str:
 @click.option("--defense", help="Only these defenses (comma list).")
 @click.option("--gallery-images", type=click.IntRange(min=0), default=3, show_default=True,
               help="Gallery images per configuration (0: no gallery).")
+@click.option("--readme", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Also write the headline table and figures into this file's headline "
+                   "block.")
 def report_command(results_dir: Path, out_dir: Path, dataset: str | None, defense: str | None,
-                   gallery_images: int) -> None:
+                   gallery_images: int, readme: Path | None) -> None:
     """Tables, figures and findings of a results folder: report.md, CSV and LaTeX."""
+    if readme is not None:
+        headline_block(readme)  # a README without the block fails before any work
     click.echo(str(build_report(results_dir, out_dir, dataset, defense, gallery_images)))
+    if readme is not None:
+        update_readme(readme, out_dir)
+        click.echo(f"headline written into {readme}", err=True)
 
 
 ATTACK_OPTIONS = {  # option name -> (AttackBudget field, type, help)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import numbers
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from patchbench.tables import (
     configurations,
     findings,
     gain_table,
+    headline_table,
     parse_params,
     rf_sweep_table,
     text_column,
@@ -271,8 +273,11 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
         lines += [f"> **Soundness violation**: the attack broke "
                   f"{int(attacks.frame['violations'].sum())} certified image(s); see "
                   "[Certified vs attacked](#certified-vs-attacked).", ""]
-    lines += ["## Findings", "", *(f"- {s}" for s in sentences), "",
-              "## Configurations", "", *table_lines(configs_table(configs), tables)]
+    lines += ["## Findings", "", *(f"- {s}" for s in sentences), ""]
+    headline = headline_table(accuracy.frame, configs) if len(certified) else None
+    if headline is not None:
+        lines += ["## Headline", "", *table_lines(headline, tables)]
+    lines += ["## Configurations", "", *table_lines(configs_table(configs), tables)]
     if len(certified):
         lines += certified_lines(certified, configs, accuracy, gains, params, tables,
                                  figures_dir, figures)
@@ -297,6 +302,46 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
     report = out / "report.md"
     write_text(report, "\n".join(lines))
     return report
+
+
+README_START, README_END = "<!-- headline:start", "<!-- headline:end -->"
+
+
+def headline_block(readme: Path) -> tuple[str, int, int]:
+    """The file's text and where its headline block starts and ends; ResultsError (one line)
+    if it cannot be read or has no block, so that a command can check before working."""
+    try:
+        text = readme.read_text()
+    except OSError as err:
+        raise ResultsError(f"cannot read {readme}: {err.strerror or err}") from None
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ResultsError(f"{readme} has no '{README_START} -->' ... '{README_END}' block")
+    return text, start, end
+
+
+def update_readme(readme: str | Path, out_dir: str | Path) -> None:
+    """Replace the block between README_START and README_END in ``readme`` by the headline
+    table of the report in ``out_dir`` and its main figures, so that README's numbers come
+    from the tools and are never typed."""
+    readme, out = Path(readme), Path(out_dir)
+    text, start, end = headline_block(readme)
+    path = out / "tables" / "headline.csv"
+    if not path.is_file():
+        raise ResultsError(f"the report in {out} has no headline table (no 5x5 certification "
+                           "rows)")
+    frame = pd.read_csv(path)
+    link = Path(os.path.relpath(out, readme.parent)).as_posix()
+    lines = [f"{README_START}: written by `patchbench report --readme`; do not edit -->",
+             "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns),
+             *("| " + " | ".join(row) + " |" for row in frame.map(fmt).itertuples(index=False)),
+             "", f"Time: certifying 10,000 images for every patch shape and condition of the "
+             f"configuration's run. Full report: [{link}/report.md]({link}/report.md).", ""]
+    for name, caption in (("certified_vs_patch_size.png", "Certified accuracy vs patch size"),
+                          ("certified_vs_attacked.png", "Certified vs attacked accuracy")):
+        if (out / "figures" / name).is_file():
+            lines += [f"![{caption}]({link}/figures/{name})", ""]
+    write_text(readme, text[:start] + "\n".join(lines) + text[end:])
 
 
 def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Table,

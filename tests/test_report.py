@@ -13,6 +13,7 @@ a subset of the certified images gets its own folder: an accurate BagCert model 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -542,3 +543,44 @@ def test_worst_footprint_matches_the_certification_core() -> None:
     for image, stored in zip(votes.numpy(), core.tolist(), strict=True):
         margin = worst_footprint(image, fp)[0]
         assert margin == stored if stored < 0 else margin >= stored
+
+
+def test_headline_is_each_defense_best_at_5x5_and_goes_into_readme(built: Built,
+                                                                   tmp_path: Path) -> None:
+    headline = pd.read_csv(built.out / "tables" / "headline.csv")
+    accuracy = pd.read_csv(built.out / "tables" / "accuracy.csv")
+    assert sorted(headline["defense"]) == sorted(accuracy["defense"].unique())
+    for _, row in headline.iterrows():  # an independent pick from the accuracy table
+        mine = accuracy[(accuracy["defense"] == row["defense"]) & (accuracy["patch"] == "5x5")]
+        best = mine.sort_values(["tight (%)", "clean (%)"], ascending=False).iloc[0]
+        assert row["config"] == best["config"] and row["5x5 tight (%)"] == best["tight (%)"]
+        longer = accuracy[(accuracy["config"] == best["config"]) & (accuracy["patch"] == "2x12")]
+        assert row["2x12 tight (%)"] == longer["tight (%)"].iloc[0]
+    assert "## Headline" in (built.out / "report.md").read_text()
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nbefore\n<!-- headline:start -->\nold\n<!-- headline:end -->\n"
+                      "after\n")
+    result = invoke("report", "--results-dir", str(built.results), "--out", str(built.out),
+                    "--gallery-images", "0", "--readme", str(readme))
+    assert result.exit_code == 0, result.output
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n<!-- headline:start") and text.endswith(
+        "<!-- headline:end -->\nafter\n")
+    assert "old" not in text and "| dataset | defense | config | clean (%) |" in text
+    assert text.count("\n| synthetic |") == len(headline)
+    assert os.path.relpath(built.out, tmp_path) + "/report.md" in text
+    again = invoke("report", "--results-dir", str(built.results), "--out", str(built.out),
+                   "--gallery-images", "0", "--readme", str(readme))
+    assert again.exit_code == 0 and readme.read_text().count("headline:start") == 1
+
+
+def test_a_readme_without_the_headline_block_is_a_one_line_error(built: Built,
+                                                                 tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# no block here\n")
+    result = invoke("report", "--results-dir", str(built.results), "--out",
+                    str(tmp_path / "out"), "--gallery-images", "0", "--readme", str(readme))
+    assert_one_line_error(result, "has no '<!-- headline:start -->'")
+    assert readme.read_text() == "# no block here\n"
+    assert not (tmp_path / "out").exists()  # checked before any work
