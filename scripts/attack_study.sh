@@ -13,4 +13,4 @@ patchbench attack --defense ds-column --threshold 0.25 \
   --n-images 50 --results-dir "$out"
 patchbench attack --defense ds-row --threshold 0.25 \
   --checkpoint checkpoints/fashion-mnist-ds-row-5a848e1838bc.pt --patch 5x5,2x12 \
-  --n-images 50 --results-dir "$out"
+  --n-images 500 --results-dir "$out"
