@@ -41,8 +41,6 @@ cells)`` (the relaxed votes of those cells).
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -59,7 +57,14 @@ from patchbench.defense import Defense
 from patchbench.evaluate import for_inference, loader_options
 from patchbench.patches import PatchShape, box_masks, check_fits
 from patchbench.progress import progress_bar
-from patchbench.results import atomic_write_csv, cell_id, rows_path, system_info
+from patchbench.results import (
+    atomic_write_csv,
+    cell_id,
+    model_columns,
+    per_image_path,
+    provenance_columns,
+    rows_path,
+)
 
 HOOKS = ("touched_cells", "soft_votes")
 # Most (image, class, position) margins computed at once when ranking positions.
@@ -374,18 +379,11 @@ def write_attack_cell(results_dir: Path, checkpoint: Checkpoint, data: ImageData
                 "checkpoint": checkpoint.sha256, "patches": list(summary["patch"])}
     cell = cell_id(identity)
     rows = summary.assign(
-        cell=cell, defense=defense.name, params=json.dumps(params, sort_keys=True),
-        **{f"param_{k}": v for k, v in params.items()},
+        **model_columns(cell, checkpoint, data),
         **{f"attack_{k}": v for k, v in budget.items()},
-        dataset=data.name, split=data.split,
-        n_parameters=checkpoint.meta.get("n_parameters", defense.num_parameters(checkpoint.model)),
         attack_seconds=result.attack_seconds,
-        seed=checkpoint.meta.get("train", {}).get("train_seed", 0),
-        checkpoint_sha256=checkpoint.sha256,
-        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **system_info(device))
-    atomic_write_csv(result.per_image.assign(cell=cell),
-                     results_dir / "per_image" / f"{cell}.csv.gz")
+        **provenance_columns(device))
+    atomic_write_csv(result.per_image.assign(cell=cell), per_image_path(results_dir, cell))
     path = rows_path(results_dir, cell)
     atomic_write_csv(rows, path)
     return path

@@ -80,29 +80,39 @@ def write_cell(results_dir: Path, cell: str, checkpoint: Checkpoint, data: Image
     Each file is replaced atomically, so a re-run (``--force``) or a concurrent run of the
     same cell leaves one copy, never a duplicate or a half file.
     """
-    defense = checkpoint.defense
-    params = defense.params()
     train = checkpoint.meta.get("train", {})
     n = len(data)
     rows = summary.assign(
-        cell=cell, defense=defense.name, params=json.dumps(params, sort_keys=True),
-        **{f"param_{k}": v for k, v in params.items()},
-        dataset=data.name, split=data.split,
-        n_parameters=checkpoint.meta.get("n_parameters", defense.num_parameters(checkpoint.model)),
+        **model_columns(cell, checkpoint, data),
         certify_seconds=evaluation.certify_seconds, forward_seconds=evaluation.forward_seconds,
         images_per_second=n / evaluation.certify_seconds if evaluation.certify_seconds else 0.0,
-        seed=train.get("train_seed", 0),
         train_config=json.dumps({f.name: train[f"train_{f.name}"] for f in fields(TrainConfig)
                                  if f"train_{f.name}" in train}, sort_keys=True),
-        checkpoint_sha256=checkpoint.sha256,
-        timestamp=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **{**system_info(device), "precision": precision})
-    atomic_write_csv(evaluation.per_image.assign(cell=cell),
-                     results_dir / "per_image" / f"{cell}.csv.gz")
+        **provenance_columns(device, precision))
+    atomic_write_csv(evaluation.per_image.assign(cell=cell), per_image_path(results_dir, cell))
     path = rows_path(results_dir, cell)
     atomic_write_csv(rows, path)
     failure_path(results_dir, cell).unlink(missing_ok=True)
     return path
+
+
+def model_columns(cell: str, checkpoint: Checkpoint, data: ImageData) -> dict[str, object]:
+    """What every row of a cell (certification or attack) says of its model and data."""
+    defense, params = checkpoint.defense, checkpoint.defense.params()
+    return {"cell": cell, "defense": defense.name,
+            "params": json.dumps(params, sort_keys=True),
+            **{f"param_{k}": v for k, v in params.items()},
+            "dataset": data.name, "split": data.split,
+            "n_parameters": checkpoint.meta.get("n_parameters",
+                                                defense.num_parameters(checkpoint.model)),
+            "seed": checkpoint.meta.get("train", {}).get("train_seed", 0),
+            "checkpoint_sha256": checkpoint.sha256}
+
+
+def provenance_columns(device: torch.device, precision: str = "fp32") -> dict[str, str]:
+    """When, where and with what a row was computed."""
+    return {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **system_info(device), "precision": precision}
 
 
 def failure_path(results_dir: Path, cell: str) -> Path:
