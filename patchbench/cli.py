@@ -36,7 +36,7 @@ from patchbench.report import build_report, headline_block, update_readme
 from patchbench.results import ResultsError, load_results
 from patchbench.selection import defense_rows, select_setting
 from patchbench.sweep import BACKENDS, SweepError, run_sweep
-from patchbench.train import TrainConfig, train
+from patchbench.train import TRAIN_PRECISIONS, TrainConfig, train
 
 # Errors a user can cause: shown as one line, never as a traceback.
 USER_ERRORS = (DatasetNotFoundError, DatasetFormatError, CheckpointError, UnknownDefenseError,
@@ -108,6 +108,8 @@ TRAIN_OPTIONS = {  # option name -> (TrainConfig field, type, help)
                          "Train on the first N images only (0: all)."),
     "hold-out-val": ("hold_out_val", click.BOOL,
                      "yes: leave the 'val' split out of training, to select settings on it."),
+    "train-precision": ("precision", click.Choice(list(TRAIN_PRECISIONS)),
+                        "Training arithmetic: fp32, or bf16 autocast (weights stay fp32)."),
 }
 
 
@@ -476,30 +478,55 @@ def parse_one_patch(ctx, param, value: str) -> str:
     return str(shapes[0])
 
 
+def parse_param_names(ctx, param, value: str) -> list[str]:
+    names = [name.strip().replace("-", "_") for name in value.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise click.BadParameter(f"comma-separated distinct parameter names, not {value!r}")
+    return names
+
+
+def parse_where(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    where = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise click.BadParameter(f"NAME=VALUE, not {item!r}")
+        where[name.strip().replace("-", "_")] = value.strip()
+    return where
+
+
 @cli.command("select")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results/validation"), show_default=True,
               help="Rows of a sweep certified on the 'val' split.")
 @click.option("--defense", "defense_name", required=True, help="The defense whose rows to use.")
-@click.option("--param", required=True, help="The swept parameter to choose, e.g. threshold.")
+@click.option("--param", required=True, callback=parse_param_names,
+              help="The swept parameter(s) to choose, jointly if several: threshold, or "
+                   "ablation_size,threshold. Prints the chosen values in that order.")
+@click.option("--where", multiple=True, callback=parse_where, metavar="NAME=VALUE",
+              help="Only rows with this parameter value, e.g. ablation_size=2 (repeatable).")
 @click.option("--patch", default="5x5", show_default=True, callback=parse_one_patch,
               help="Patch shape to optimise for.")
 @click.option("--condition", type=click.Choice(CONDITIONS), default="tight", show_default=True)
 @click.option("--clean-tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Candidates may lose at most this much clean accuracy to the best one.")
-def select_command(results_dir: Path, defense_name: str, param: str, patch: str, condition: str,
+def select_command(results_dir: Path, defense_name: str, param: list[str],
+                   where: dict[str, str], patch: str, condition: str,
                    clean_tolerance: float) -> None:
-    """Choose a setting on validation rows: most certified among the near-best clean ones."""
+    """Choose settings on validation rows: most certified among the near-best clean ones."""
     rows = load_results(results_dir)
     try:
         chosen = select_setting(defense_rows(rows, defense_name, results_dir), param, patch,
-                                condition, clean_tolerance)
+                                condition, clean_tolerance, where)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    table = Table(param, "clean", f"certified {patch} {condition}", "eligible",
-                  title=f"{defense_name}: {param} = {chosen.value} on {results_dir}")
-    for row in chosen.table.itertuples():
-        table.add_row(str(row.value), f"{row.clean:.1%}", f"{row.certified:.1%}",
-                      "yes" if row.eligible else "no")
+    picked = " ".join(f"{name} = {value}" for name, value in zip(param, chosen.value,
+                                                                 strict=True))
+    fixed = "".join(f", {name} = {value}" for name, value in where.items())
+    table = Table(*param, "clean", f"certified {patch} {condition}", "eligible",
+                  title=f"{defense_name}: {picked} on {results_dir}{fixed}")
+    for row in chosen.table.to_dict("records"):
+        table.add_row(*(str(row[name]) for name in param), f"{row['clean']:.1%}",
+                      f"{row['certified']:.1%}", "yes" if row["eligible"] else "no")
     Console(stderr=True).print(table)
-    click.echo(chosen.value)
+    click.echo(" ".join(str(value) for value in chosen.value))

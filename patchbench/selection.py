@@ -1,4 +1,4 @@
-"""Choosing a defense setting (a vote threshold, an ablation size) on validation rows.
+"""Choosing defense settings (a vote threshold, an ablation size, or both) on validation rows.
 
 Settings are picked on the ``val`` split (carved from the training files, see ``data.py``),
 never on ``test``. The rule trades the two headline numbers explicitly: among the candidates
@@ -9,6 +9,7 @@ higher clean accuracy, then to the first candidate in sorted order.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,17 +23,26 @@ COLUMNS = ("defense", "split", "patch", "condition", "clean_accuracy", "certifie
 
 @dataclass
 class Selection:
-    value: object  # the chosen setting
-    table: pd.DataFrame  # one row per candidate: value, clean, certified, eligible
+    value: tuple  # the chosen setting: one value per parameter, in the order asked for
+    table: pd.DataFrame  # one row per candidate: the parameters, clean, certified, eligible
 
 
-def select_setting(rows: pd.DataFrame, param: str, patch: str = "5x5",
-                   condition: str = "tight", clean_tolerance: float = 0.01) -> Selection:
-    """Pick ``param``'s value from tidy result rows of one defense on one validation split."""
-    column = f"param_{param}"
-    if column not in rows.columns:
-        raise ValueError(f"the rows sweep no parameter {param!r}")
+def select_setting(rows: pd.DataFrame, params: str | Sequence[str], patch: str = "5x5",
+                   condition: str = "tight", clean_tolerance: float = 0.01,
+                   where: Mapping[str, object] | None = None) -> Selection:
+    """Pick values of ``params`` (jointly, e.g. an ablation size and a threshold) from tidy
+    result rows of one defense on one validation split; ``where`` keeps only the rows whose
+    parameters have the given values (e.g. one ablation size)."""
+    names = [params] if isinstance(params, str) else list(params)
+    columns = [f"param_{name}" for name in names]
+    for name in [*names, *(where or {})]:
+        if f"param_{name}" not in rows.columns:
+            raise ValueError(f"the rows sweep no parameter {name!r}")
     picked = rows[(rows["patch"] == patch) & (rows["condition"] == condition)]
+    for name, value in (where or {}).items():
+        picked = picked[picked[f"param_{name}"].map(lambda v, want=value: same(v, want))]
+        if picked.empty:
+            raise ValueError(f"no rows with {name} = {value}")
     if picked.empty:
         raise ValueError(f"no rows for patch {patch} and condition {condition}")
     if picked["split"].ne("val").any():
@@ -40,15 +50,25 @@ def select_setting(rows: pd.DataFrame, param: str, patch: str = "5x5",
                          f"got {sorted(picked['split'].unique())}")
     if picked["defense"].nunique() != 1:
         raise ValueError(f"rows of several defenses: {sorted(picked['defense'].unique())}")
-    if picked[column].duplicated().any():
-        raise ValueError(f"several rows per {param} value: filter to one model first")
-    table = (picked.sort_values(column)[[column, "clean_accuracy", "certified_accuracy"]]
-             .rename(columns={column: "value", "clean_accuracy": "clean",
-                              "certified_accuracy": "certified"}).reset_index(drop=True))
+    if picked.duplicated(columns).any():
+        raise ValueError(f"several rows per {', '.join(names)} value: filter to one model "
+                         "first")
+    table = (picked.sort_values(columns)[[*columns, "clean_accuracy", "certified_accuracy"]]
+             .rename(columns={**dict(zip(columns, names, strict=True)),
+                              "clean_accuracy": "clean", "certified_accuracy": "certified"})
+             .reset_index(drop=True))
     table["eligible"] = table["clean"] >= table["clean"].max() - clean_tolerance
     best = table[table["eligible"]].sort_values(["certified", "clean"], ascending=False,
                                                 kind="stable")
-    return Selection(best["value"].iloc[0], table)
+    return Selection(tuple(best[names].iloc[0]), table)
+
+
+def same(value: object, wanted: object) -> bool:
+    """Equal as numbers where both read as numbers (2 == 2.0 == "2"), else as text."""
+    try:
+        return float(value) == float(wanted)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value) == str(wanted)
 
 
 def defense_rows(rows: pd.DataFrame, defense: str, source: str | Path) -> pd.DataFrame:

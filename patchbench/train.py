@@ -25,6 +25,11 @@ class TrainConfig:
     schedule: str = "cosine"  # "cosine" or "constant" learning rate
     max_images: int = 0  # train on the first N training images only (0: all)
     hold_out_val: bool = False  # leave the "val" split out of training, to select settings on it
+    precision: str = "fp32"  # "bf16": autocast mixed precision (weights stay fp32) in the
+    #                          channels-last layout; 3x faster for BagCert on CPUs with AMX
+
+
+TRAIN_PRECISIONS = ("fp32", "bf16")
 
 
 def train(defense: Defense, data: ImageData, config: TrainConfig,
@@ -33,12 +38,18 @@ def train(defense: Defense, data: ImageData, config: TrainConfig,
     """Train a fresh model of ``defense`` on ``data``; return it (eval mode) and metrics."""
     if config.schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {config.schedule!r}")
+    if config.precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"training precision must be one of {TRAIN_PRECISIONS}, "
+                         f"got {config.precision!r}")
     torch.manual_seed(config.seed)
     device = torch.device(device)
     if config.hold_out_val:
         data = data.without_validation()
     data = data.subset(config.max_images or None)
     model = defense.build_model(data.in_shape, data.num_classes).to(device)
+    fast = config.precision == "bf16"
+    layout = torch.channels_last if fast else torch.contiguous_format
+    model = model.to(memory_format=layout)
     optimizer = defense.optimizer(model)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -55,8 +66,10 @@ def train(defense: Defense, data: ImageData, config: TrainConfig,
             for images, labels in batches(data, config.batch_size, shuffle=True,
                                           seed=config.seed * 1000 + epoch):
                 images = augment(images, config.crop_padding, config.hflip).to(device)
+                images = images.contiguous(memory_format=layout)
                 labels = labels.to(device)
-                loss, predictions = defense.loss(model, images, labels)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+                    loss, predictions = defense.loss(model, images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

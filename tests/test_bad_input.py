@@ -103,6 +103,9 @@ cases({"run": (*RUN, "--defense", "bagcert", "--patch", "2x2"),
     "unknown dataset": (("--dataset", "mnist"), 2,
                         "Invalid value for '--dataset': 'mnist' is not one of 'cifar10', "
                         "'fashion-mnist', 'imagenet', 'synthetic'"),
+    "unknown training precision": (("--train-precision", "fp8"), 2,
+                                   "Invalid value for '--train-precision': 'fp8' is not one of "
+                                   "'fp32', 'bf16'"),
 })
 cases({"run": COMMANDS["run"], "attack": COMMANDS["attack"]}, {
     "unknown split": (("--split", "validation"), 2,
@@ -122,6 +125,11 @@ cases({"select": COMMANDS["select"]}, {
                           "Invalid value for '--condition': 'loose' is not one of 'tight', "
                           "'global'"),
     "unknown parameter": (("--param", "rf"), 2, "the rows sweep no parameter 'rf'"),
+    "parameter list malformed": (("--param", "threshold,,threshold"), 2,
+                                 "comma-separated distinct parameter names, not "
+                                 "'threshold,,threshold'"),
+    "where malformed": (("--where", "threshold"), 2, "NAME=VALUE, not 'threshold'"),
+    "where without rows": (("--where", "threshold=9"), 2, "no rows with threshold = 9"),
 })
 cases({"select": (*SELECT[:1], *SELECT[3:], "--results-dir", "{art}/results/good")}, {
     "unknown defense": (("--defense", "nope"), 2,

@@ -114,6 +114,33 @@ def test_margin_training_certifies_on_synthetic_stripes():
     assert (correct & cert.certified["tight"][:, 0]).float().mean() > 0.5
 
 
+def test_bf16_training_learns_keeps_fp32_weights_and_reloads(tmp_path):
+    """Mixed precision changes the arithmetic, not the model: weights stay fp32 and a saved
+    model reloads to the same votes in plain fp32 evaluation."""
+    data = load_dataset("synthetic", "train")
+    defense = BagCert(rf=5, width=16, margin=0.3, patch_max=4)
+    model, metrics = train(defense, data, TrainConfig(epochs=2, batch_size=64, precision="bf16"),
+                           show_progress=False)
+    assert metrics["train_precision"] == "bf16"
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    images, labels = load_dataset("synthetic", "test").subset(128).dataset[torch.arange(128)]
+    cert = defense.certify(model, images, [PatchShape(3, 3)])
+    assert (cert.prediction == labels).float().mean() > 0.8
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, defense, model, {"dataset": "synthetic", "in_shape": list(data.in_shape),
+                                           "classes": list(data.classes), "train": metrics})
+    loaded = load_checkpoint(path, defense="bagcert", dataset="synthetic")
+    with torch.no_grad():
+        assert torch.equal(defense.votes(model, images), loaded.defense.votes(loaded.model,
+                                                                              images))
+
+
+def test_unknown_training_precision_is_refused():
+    with pytest.raises(ValueError, match="training precision must be one of"):
+        train(BagCert(rf=5, width=8), load_dataset("synthetic", "train"),
+              TrainConfig(epochs=1, precision="fp8"), show_progress=False)
+
+
 def test_readme_main_job_finds_the_shipped_checkpoint():
     """Changing BagCert's defaults or recipe without retraining would make the README's first
     command train for an hour instead of certifying the shipped model."""

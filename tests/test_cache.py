@@ -20,7 +20,8 @@ def test_certification_only_parameters_share_one_checkpoint():
 def test_every_recipe_field_changes_the_name():
     base = key("bagcert")
     changed = [TrainConfig(epochs=5), TrainConfig(seed=1), TrainConfig(hold_out_val=True),
-               TrainConfig(max_images=100), TrainConfig(hflip=True)]
+               TrainConfig(max_images=100), TrainConfig(hflip=True),
+               TrainConfig(precision="bf16")]
     assert len({base, *(key("bagcert", recipe) for recipe in changed)}) == 1 + len(changed)
 
 

@@ -18,16 +18,16 @@ def rows(clean: list[float], certified: list[float], split: str = "val") -> pd.D
 def test_most_certified_among_settings_close_to_the_best_clean_accuracy():
     chosen = select_setting(rows([0.80, 0.805, 0.79, 0.75], [0.30, 0.35, 0.45, 0.50]),
                             "threshold")
-    assert chosen.value == pytest.approx(0.2)  # 0.3 and 0.4 lose more than a point of clean
+    assert chosen.value == pytest.approx((0.2,))  # 0.3 and 0.4 lose more than a point of clean
     assert chosen.table["eligible"].tolist() == [True, True, False, False]
     loose = select_setting(rows([0.80, 0.805, 0.79, 0.75], [0.30, 0.35, 0.45, 0.50]),
                            "threshold", clean_tolerance=0.02)
-    assert loose.value == pytest.approx(0.3)
+    assert loose.value == pytest.approx((0.3,))
 
 
 def test_ties_go_to_the_higher_clean_accuracy():
     assert select_setting(rows([0.80, 0.81], [0.4, 0.4]), "threshold").value == \
-        pytest.approx(0.2)
+        pytest.approx((0.2,))
 
 
 @pytest.mark.parametrize("frame, param, message", [
@@ -38,3 +38,32 @@ def test_ties_go_to_the_higher_clean_accuracy():
 def test_refuses_test_rows_unknown_parameters_and_mixed_models(frame, param, message):
     with pytest.raises(ValueError, match=message):
         select_setting(frame, param)
+
+
+def sizes_and_thresholds() -> pd.DataFrame:
+    """Two ablation sizes x two thresholds: (size, clean, certified) chosen to test the rule."""
+    frames = []
+    for size, clean, certified in [(2, [0.80, 0.785], [0.30, 0.41]),
+                                   (4, [0.805, 0.80], [0.38, 0.39])]:
+        frame = rows(clean, certified)
+        frames.append(frame.assign(param_ablation_size=size))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_several_parameters_are_chosen_jointly():
+    chosen = select_setting(sizes_and_thresholds(), ["ablation_size", "threshold"])
+    # (2, 0.2) certifies most but loses 1.5 points of clean accuracy to (4, 0.1)
+    assert chosen.value == pytest.approx((4, 0.2))
+    assert chosen.table.columns.tolist() == ["ablation_size", "threshold", "clean", "certified",
+                                             "eligible"]
+    assert chosen.table["eligible"].tolist() == [True, False, True, True]
+
+
+def test_where_keeps_the_rows_of_one_setting():
+    chosen = select_setting(sizes_and_thresholds(), "threshold", where={"ablation_size": "2"})
+    assert chosen.value == pytest.approx((0.1,))  # within size 2, 0.2 loses a point of clean
+    assert len(chosen.table) == 2
+    with pytest.raises(ValueError, match="no rows with ablation_size = 3"):
+        select_setting(sizes_and_thresholds(), "threshold", where={"ablation_size": 3})
+    with pytest.raises(ValueError, match="several rows per threshold"):
+        select_setting(sizes_and_thresholds(), "threshold")
