@@ -366,18 +366,23 @@ def summarize_attack(result: AttackResult, patches: Sequence[PatchShape]) -> pd.
     return pd.DataFrame(rows)
 
 
+def attack_cell_id(checkpoint: Checkpoint, data: ImageData, budget: AttackBudget,
+                   patches: Sequence[str]) -> str:
+    """The cell of an attack: known before attacking, so a finished one can be skipped."""
+    defense = checkpoint.defense
+    return cell_id({"kind": "attack", "budget": dataclasses.asdict(budget),
+                    "defense": defense.name, "params": defense.params(), "dataset": data.name,
+                    "split": data.split, "n_images": len(data), "checkpoint": checkpoint.sha256,
+                    "patches": list(patches)})
+
+
 def write_attack_cell(results_dir: Path, checkpoint: Checkpoint, data: ImageData,
                       result: AttackResult, summary: pd.DataFrame, device: torch.device) -> Path:
     """Write ``rows/<cell>.csv`` and ``per_image/<cell>.csv.gz`` like ``results.write_cell``;
     the cell hash includes "attack" and the budget, so it never collides with a certified
     cell; return the rows path."""
-    defense = checkpoint.defense
-    params = defense.params()
     budget = dataclasses.asdict(result.budget)
-    identity = {"kind": "attack", "budget": budget, "defense": defense.name, "params": params,
-                "dataset": data.name, "split": data.split, "n_images": len(data),
-                "checkpoint": checkpoint.sha256, "patches": list(summary["patch"])}
-    cell = cell_id(identity)
+    cell = attack_cell_id(checkpoint, data, result.budget, list(summary["patch"]))
     rows = summary.assign(
         **model_columns(cell, checkpoint, data),
         **{f"attack_{k}": v for k, v in budget.items()},

@@ -15,6 +15,7 @@ from patchbench import __version__
 from patchbench.attack import (
     AttackBudget,
     AttackUnsupportedError,
+    attack_cell_id,
     attack_split,
     summarize_attack,
     write_attack_cell,
@@ -33,7 +34,7 @@ from patchbench.defense import (
 from patchbench.options import DeviceType, PatchListType, flatten_patches, parse_extra_params
 from patchbench.patches import check_fits, parse_patches
 from patchbench.report import build_report, headline_block, update_readme
-from patchbench.results import ResultsError, load_results
+from patchbench.results import ResultsError, is_finished, load_results
 from patchbench.selection import defense_rows, select_setting
 from patchbench.sweep import BACKENDS, SweepError, run_sweep
 from patchbench.train import TRAIN_PRECISIONS, TrainConfig, train
@@ -340,13 +341,14 @@ def attack_options(fn):
               default=Path("results"), show_default=True)
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Attack this checkpoint instead of the configuration's trained one.")
+@click.option("--force", is_flag=True, help="Attack again if this attack's cell is finished.")
 @attack_options
 @train_options
 @click.pass_context
 def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: str,
                    data_dir: Path | None, download: bool, split: str, n_images: int | None,
                    device: torch.device, batch_size: int, results_dir: Path,
-                   checkpoint: Path | None, **kwargs) -> None:
+                   checkpoint: Path | None, force: bool, **kwargs) -> None:
     """PGD patch attack on a trained model: empirical robust accuracy next to certified.
 
     Defense parameters follow as --name value and pick the trained checkpoint (nothing is
@@ -377,6 +379,11 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
     loaded = dataclasses.replace(loaded, defense=type(defense).from_params({**trained, **given}))
     budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
                              for name, (field, _, _) in ATTACK_OPTIONS.items()})
+    cell = attack_cell_id(loaded, data, budget, [str(p) for p in patches])
+    if is_finished(results_dir, cell) and not force:
+        click.echo(f"skipped: attack cell {cell} is finished in {results_dir} (--force to "
+                   "redo it)", err=True)
+        return
     try:
         result = attack_split(loaded.defense, loaded.model, data, patches, budget, batch_size,
                               device)

@@ -60,7 +60,8 @@ def select_setting(rows: pd.DataFrame, params: str | Sequence[str], patch: str =
     table["eligible"] = table["clean"] >= table["clean"].max() - clean_tolerance
     best = table[table["eligible"]].sort_values(["certified", "clean"], ascending=False,
                                                 kind="stable")
-    return Selection(tuple(best[names].iloc[0]), table)
+    first = best.iloc[:1]  # per column, so an integer parameter stays an integer
+    return Selection(tuple(first[name].tolist()[0] for name in names), table)
 
 
 def same(value: object, wanted: object) -> bool:

@@ -154,6 +154,23 @@ def test_cli_attack_writes_empirical_rows(checkpoint: Path):
     assert len(list(Path("results/per_image").glob("*.csv.gz"))) == 1
 
 
+def test_cli_attack_skips_a_finished_cell_unless_forced(checkpoint: Path):
+    """A study re-run resumes: a finished attack is not attacked again; --force redoes it,
+    and a different budget is another cell."""
+    args = [*ATTACK, "--patch", "2x2", "--checkpoint", str(checkpoint)]
+    assert invoke(*args).exit_code == 0
+    (rows,) = Path("results/rows").glob("*.csv")
+    written = rows.read_bytes()
+    again = invoke(*args)
+    assert again.exit_code == 0 and f"skipped: attack cell {rows.stem} is finished" in again.output
+    assert rows.read_bytes() == written
+    forced = invoke(*args, "--force")
+    assert forced.exit_code == 0 and "skipped" not in forced.output
+    assert "images attacked in" in forced.output
+    assert invoke(*args, "--steps", "1").exit_code == 0
+    assert len(list(Path("results/rows").glob("*.csv"))) == 2
+
+
 def test_cli_attack_exits_4_on_a_violation(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """A wrong certificate (1 x 1 footprints for a 20 x 20 patch): exit code 4, one line naming
     the first violation, and the results still written."""

@@ -54,6 +54,7 @@ def test_several_parameters_are_chosen_jointly():
     chosen = select_setting(sizes_and_thresholds(), ["ablation_size", "threshold"])
     # (2, 0.2) certifies most but loses 1.5 points of clean accuracy to (4, 0.1)
     assert chosen.value == pytest.approx((4, 0.2))
+    assert isinstance(chosen.value[0], int)  # printed as 4, as the command line takes it
     assert chosen.table.columns.tolist() == ["ablation_size", "threshold", "clean", "certified",
                                              "eligible"]
     assert chosen.table["eligible"].tolist() == [True, False, True, True]
