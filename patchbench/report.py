@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from patchbench.atomic import atomic_path
+from patchbench.claims import talk_sentence, talk_table
 from patchbench.data import ImageData
 from patchbench.gallery import Example, GalleryUnavailable, gallery_examples
 from patchbench.results import (
@@ -77,7 +78,7 @@ class Selected:
     certified: pd.DataFrame  # newest certification row per configuration, shape, condition
     empirical: pd.DataFrame  # newest attack row per configuration, split and shape
     runs: pd.DataFrame  # every certification row, to match attacks with
-    params: dict[str, dict]  # configuration key -> its parameters
+    params: dict[str, dict]  # configuration key -> its parameters and training recipe
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
@@ -171,7 +172,8 @@ def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
     """Certified and empirical rows, newest per configuration and shape, named and ordered.
 
     A configuration is (dataset, defense, parameters, checkpoint), the same for a model's
-    certification and attack rows; ``params`` maps its key to its parameters. Rows without a
+    certification and attack rows; ``params`` maps its key to its parameters and training
+    recipe (attack rows lack the recipe: it comes from the certification rows). Rows without a
     ``metric`` column (older files) are certified ones.
     """
     sha, text = text_column(rows, "checkpoint_sha256"), text_column(rows, "params")
@@ -206,7 +208,7 @@ def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
                            f"{EMPIRICAL_VALUES[0]}")
     empirical = newest(attacked.assign(empirical_accuracy=value),
                        ["config_key", "split_key", "patch"])
-    return Selected(certified, empirical, runs, params)
+    return Selected(certified, empirical, runs, described)
 
 
 def config_names(configs: pd.DataFrame, params: dict[str, dict]
@@ -254,11 +256,14 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
     tables, figures_dir = out / "tables", out / "figures"
     attacks = (attack_table(empirical, selected.runs, per_image_reader(results_dir))
                if len(empirical) else None)
-    sentences = []
+    sentences, talk = [], None
     if len(certified):
         accuracy = accuracy_table(certified)
         gains = gain_table(accuracy.frame)
         sentences += findings(accuracy.frame, configs, gains, params)
+        talk = talk_table(accuracy.frame, configs, gains.frame if gains else None, params)
+        if talk is not None:
+            sentences.append(talk_sentence(talk))
     if attacks is not None:
         sentences += attack_sentences(attacks.frame)
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -277,6 +282,11 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
     headline = headline_table(accuracy.frame, configs) if len(certified) else None
     if headline is not None:
         lines += ["## Headline", "", *table_lines(headline, tables)]
+    if len(certified) and talk is not None:
+        lines += ["## Compared with the talk (CIFAR-10)", "",
+                  "Each claim of the talk that started the project, the same quantity measured "
+                  "here, and a verdict by the rule in the last column.", "",
+                  *table_lines(talk, tables)]
     lines += ["## Configurations", "", *table_lines(configs_table(configs), tables)]
     if len(certified):
         lines += certified_lines(certified, configs, accuracy, gains, params, tables,

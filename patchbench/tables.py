@@ -250,11 +250,16 @@ def rf_sentences(accuracy: pd.DataFrame, configs: pd.DataFrame, params: dict[str
         return []
     best = at_ref.loc[at_ref["tight (%)"].idxmax()]
     times = swept.assign(rf=swept["config"].map(rf)).sort_values("rf")
+    first, last = times.iloc[0], times.iloc[-1]
     return [f"Across receptive fields {', '.join(str(r) for r in sorted(set(rf.values())))}, "
             f"rf {rf[best['config']]} certifies the most at {ref} ({best['tight (%)']:.1f}%, "
             f"{best['config']}); certification time per {PER_IMAGES:,} images goes from "
-            f"{times[TIME].iloc[0]:.1f} s (rf {times['rf'].iloc[0]}) to "
-            f"{times[TIME].iloc[-1]:.1f} s (rf {times['rf'].iloc[-1]})."]
+            f"{first[TIME]:.1f} s (rf {first['rf']}) to {last[TIME]:.1f} s (rf {last['rf']}), "
+            f"x{last[TIME] / first[TIME]:.2f}"
+            + ("" if pd.isna(first["parameters"]) or pd.isna(last["parameters"]) else
+               f", and the parameters from {int(first['parameters']):,} to "
+               f"{int(last['parameters']):,}, x{last['parameters'] / first['parameters']:.2f}")
+            + "."]
 
 
 PerImage = Callable[[str], "pd.DataFrame | None"]  # a cell's per-image table, if readable
@@ -415,6 +420,21 @@ def parse_params(text: object) -> dict:
 HEADLINE_PATCHES = ("2x12", "12x2")  # shown beside 5x5: patches long across one axis
 
 
+def best_row(at_5x5: pd.DataFrame) -> pd.Series:
+    """The row that certifies the most (tight), ties to the higher clean accuracy."""
+    return at_5x5.sort_values(["tight (%)", "clean (%)"], ascending=False, kind="stable").iloc[0]
+
+
+def best_configs(accuracy: pd.DataFrame) -> dict[str, str]:
+    """defense -> its headline configuration: most certified at 5x5 (tight), ties to the
+    higher clean accuracy. For the accuracy table of one dataset."""
+    at_5x5 = accuracy[accuracy["patch"] == "5x5"]
+    if at_5x5.empty or "tight (%)" not in at_5x5:
+        return {}
+    return {defense: best_row(group)["config"]
+            for defense, group in at_5x5.groupby("defense", sort=False)}
+
+
 def headline_table(accuracy: pd.DataFrame, configs: pd.DataFrame) -> Table | None:
     """Per dataset and defense, the configuration that certifies the most against 5x5 patches
     (tight; ties to the higher clean accuracy): README's headline numbers."""
@@ -423,8 +443,7 @@ def headline_table(accuracy: pd.DataFrame, configs: pd.DataFrame) -> Table | Non
         return None
     records = []
     for (dataset, defense), group in at_5x5.groupby(["dataset", "defense"], sort=False):
-        best = group.sort_values(["tight (%)", "clean (%)"], ascending=False,
-                                 kind="stable").iloc[0]
+        best = best_row(group)
         same = (accuracy["dataset"] == dataset) & (accuracy["config"] == best["config"])
         config = configs[(configs["dataset"] == dataset)
                          & (configs["config"] == best["config"])].iloc[0]

@@ -216,6 +216,11 @@ def test_findings_are_computed_from_the_tables(built: Built) -> None:
             in findings)
     assert "Across receptive fields 5, 7, rf 7 certifies the most at 5x5 (40.0%" in findings
     assert "Patch orientation matters most to **bagcert rf=7**: 30.0% at 2x12" in findings
+    talk = table(built, "talk")
+    assert "## Compared with the talk (CIFAR-10)" in text
+    assert (f"Of the talk's CIFAR-10 claims checked here, {(talk['verdict'] == 'agrees').sum()} "
+            f"of {len(talk)} hold") in findings
+    assert "Certification time grows with the receptive field (rf 5 to 7)" in set(talk["claim"])
 
 
 def test_gallery_finds_the_worst_patch_and_agrees_with_the_run(built: Built) -> None:
