@@ -10,14 +10,13 @@ is left out. Inputs are the frames of ``tables.py`` (accuracies in percent).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
 
-from patchbench.tables import TIME, Table, best_configs
+from patchbench.tables import TIME, Table, best_configs, rf_sweep
 
 # The talk's numbers (CIFAR-10; 10,000 images certified on one V100)
 TALK_BAGCERT = {"clean": 86.0, "certified_5x5": 60.0}
@@ -127,21 +126,6 @@ def tight_gain(accuracy, configs, gains, params) -> Claim | None:
                  f"about +{TALK_TIGHT_GAIN:.0f} points", f"+{gain:.1f} points ({config})",
                  abs(gain - TALK_TIGHT_GAIN) <= GAIN_POINTS,
                  f"within {GAIN_POINTS} points")
-
-
-def rf_sweep(configs: pd.DataFrame, params: dict[str, dict]) -> dict[int, str]:
-    """rf -> config of the BagCert configurations that differ only in rf (the largest such
-    group, at least two receptive fields); {} if there is none."""
-    groups: dict[str, dict[int, str]] = {}
-    for key, config, defense in zip(configs["key"], configs["config"], configs["defense"],
-                                    strict=True):
-        described = params.get(key, {})
-        if defense != "bagcert" or "rf" not in described:
-            continue
-        rest = json.dumps({k: v for k, v in described.items() if k != "rf"}, sort_keys=True)
-        groups.setdefault(rest, {})[int(described["rf"])] = config
-    sweep = max(groups.values(), key=len, default={})
-    return dict(sorted(sweep.items())) if len(sweep) >= 2 else {}
 
 
 def rf_growth(what: str, talk: dict[int, float], column: str, unit: Callable[[float], str]

@@ -21,7 +21,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from patchbench.atomic import atomic_path
+from patchbench.cache import LEGACY_RECIPE_FIELDS
 from patchbench.claims import talk_sentence, talk_table
 from patchbench.data import ImageData
 from patchbench.gallery import Example, GalleryUnavailable, gallery_examples
@@ -58,8 +59,10 @@ from patchbench.tables import (
     rf_sweep_table,
     text_column,
 )
+from patchbench.train import TrainConfig
 
 IDENTITY = ("defense", "dataset", "patch")
+RECIPE_DEFAULTS = {k: v for k, v in asdict(TrainConfig()).items() if k not in LEGACY_RECIPE_FIELDS}
 NUMBERS = ("patch_h", "patch_w", "n_images", "clean_accuracy")  # every row's
 CERTIFIED_NUMBERS = ("certified_accuracy",)  # a certification row's, with its "condition"
 OPTIONAL_NUMBERS = ("n_parameters", "certify_seconds", "forward_seconds", "robust_accuracy",
@@ -188,7 +191,9 @@ def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
         if key not in params:
             try:
                 params[key] = parse_params(blob)
-                described[key] = {**parse_params(train), **params[key]}
+                # recipe fields added after a row was written take their defaults, which
+                # reproduce what training did before they existed (as in ``cache.model_key``)
+                described[key] = {**RECIPE_DEFAULTS, **parse_params(train), **params[key]}
             except ValueError:
                 raise ResultsError(f"results in {source} hold malformed params or "
                                    f"train_config {(blob or train)[:60]!r}") from None

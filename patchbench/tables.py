@@ -240,26 +240,41 @@ def speed_sentences(configs: pd.DataFrame) -> list[str]:
 
 def rf_sentences(accuracy: pd.DataFrame, configs: pd.DataFrame, params: dict[str, dict],
                  ref: str) -> list[str]:
-    swept = configs[[("rf" in params[k]) for k in configs["key"]]]
-    rf = {c: params[k]["rf"] for k, c in zip(swept["key"], swept["config"], strict=True)}
-    if len(set(rf.values())) < 2 or "tight (%)" not in accuracy:
+    sweep = rf_sweep(configs, params)
+    if not sweep or "tight (%)" not in accuracy:
         return []
-    at_ref = accuracy[(accuracy["patch"] == ref) & accuracy["config"].isin(list(rf))]
+    at_ref = accuracy[(accuracy["patch"] == ref) & accuracy["config"].isin(sweep.values())]
     at_ref = at_ref.dropna(subset=["tight (%)"])
     if at_ref.empty:
         return []
+    rf = {config: r for r, config in sweep.items()}
     best = at_ref.loc[at_ref["tight (%)"].idxmax()]
-    times = swept.assign(rf=swept["config"].map(rf)).sort_values("rf")
-    first, last = times.iloc[0], times.iloc[-1]
-    return [f"Across receptive fields {', '.join(str(r) for r in sorted(set(rf.values())))}, "
+    by_config = configs.set_index("config")
+    first, last = by_config.loc[sweep[min(sweep)]], by_config.loc[sweep[max(sweep)]]
+    return [f"Across receptive fields {', '.join(str(r) for r in sweep)} (one recipe), "
             f"rf {rf[best['config']]} certifies the most at {ref} ({best['tight (%)']:.1f}%, "
             f"{best['config']}); certification time per {PER_IMAGES:,} images goes from "
-            f"{first[TIME]:.1f} s (rf {first['rf']}) to {last[TIME]:.1f} s (rf {last['rf']}), "
+            f"{first[TIME]:.1f} s (rf {min(sweep)}) to {last[TIME]:.1f} s (rf {max(sweep)}), "
             f"x{last[TIME] / first[TIME]:.2f}"
             + ("" if pd.isna(first["parameters"]) or pd.isna(last["parameters"]) else
                f", and the parameters from {int(first['parameters']):,} to "
                f"{int(last['parameters']):,}, x{last['parameters'] / first['parameters']:.2f}")
             + "."]
+
+
+def rf_sweep(configs: pd.DataFrame, params: dict[str, dict]) -> dict[int, str]:
+    """rf -> config of the BagCert configurations that differ only in rf (the largest such
+    group, at least two receptive fields); {} if there is none."""
+    groups: dict[str, dict[int, str]] = {}
+    for key, config, defense in zip(configs["key"], configs["config"], configs["defense"],
+                                    strict=True):
+        described = params.get(key, {})
+        if defense != "bagcert" or "rf" not in described:
+            continue
+        rest = json.dumps({k: v for k, v in described.items() if k != "rf"}, sort_keys=True)
+        groups.setdefault(rest, {})[int(described["rf"])] = config
+    sweep = max(groups.values(), key=len, default={})
+    return dict(sorted(sweep.items())) if len(sweep) >= 2 else {}
 
 
 PerImage = Callable[[str], "pd.DataFrame | None"]  # a cell's per-image table, if readable

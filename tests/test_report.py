@@ -214,7 +214,8 @@ def test_findings_are_computed_from_the_tables(built: Built) -> None:
             "the certified (tight) accuracy of the same images (4 configuration and shape "
             "pairs; the widest gap: bagcert rf=7 at 2x12); no certified image was broken."
             in findings)
-    assert "Across receptive fields 5, 7, rf 7 certifies the most at 5x5 (40.0%" in findings
+    assert ("Across receptive fields 5, 7 (one recipe), rf 7 certifies the most at 5x5 (40.0%"
+            in findings)
     assert "Patch orientation matters most to **bagcert rf=7**: 30.0% at 2x12" in findings
     talk = table(built, "talk")
     assert "## Compared with the talk (CIFAR-10)" in text
@@ -589,3 +590,20 @@ def test_a_readme_without_the_headline_block_is_a_one_line_error(built: Built,
     assert_one_line_error(result, "has no '<!-- headline:start -->'")
     assert readme.read_text() == "# no block here\n"
     assert not (tmp_path / "out").exists()  # checked before any work
+
+
+def test_recipe_fields_missing_from_older_rows_take_their_defaults(built: Built) -> None:
+    """Rows written before a recipe field existed (no ``precision`` in ``train_config``) are
+    named as trained with its default, next to rows that set it."""
+    from patchbench.report import split_and_name
+    from patchbench.results import metric_of
+
+    rows = built.rows[(built.rows["defense"] == "bagcert") & (built.rows["param_rf"] == 5)]
+    recipe = json.loads(rows["train_config"].iloc[0])
+    old = {k: v for k, v in recipe.items() if k not in ("precision", "hold_out_val")}
+    both = pd.concat([rows.assign(train_config=json.dumps(old), cell="old"),
+                      rows.assign(train_config=json.dumps({**recipe, "precision": "bf16"}),
+                                  cell="new", checkpoint_sha256="f" * 64)])
+    selected = split_and_name(both.assign(metric=metric_of(both)), Path("here"))
+    assert set(selected.certified["config"]) == {"bagcert precision=fp32",
+                                                 "bagcert precision=bf16"}
