@@ -158,7 +158,7 @@ def rf7_near_optimal(accuracy, configs, gains, params) -> Claim | None:
         top = max(values, key=lambda rf: values[rf])
         if values[top] - values[7] > shortfall:
             shortfall, where = values[top] - values[7], (patch, top)
-    here = (f"at most {shortfall:.1f} points behind the best rf"
+    here = (f"at most {shortfall:.2f} points behind the best rf"
             + (f" ({where[0]}: rf {where[1]})" if where else ""))
     return Claim("One configuration, rf 7, is close to optimal for every square patch size",
                  "yes", here, shortfall <= NEAR_OPTIMAL,

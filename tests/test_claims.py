@@ -67,7 +67,7 @@ def test_verdicts_follow_the_rules():
     # rf 5 beats rf 7 at 10x10 by 6 points: rf 7 is not close to optimal
     here, verdict = found["One configuration, rf 7, is close to optimal for every square patch "
                           "size"]
-    assert verdict == "disagrees" and "6.0 points" in here and "10x10: rf 5" in here
+    assert verdict == "disagrees" and "6.00 points" in here and "10x10: rf 5" in here
     assert found["BagCert certifies non-trivial accuracy up to 10x10 patches"] == (
         "3.0% at 10x10 (b7)", "disagrees")
     assert found["BagCert is stable across patch shapes, unlike column smoothing"][1] == "agrees"

@@ -155,13 +155,12 @@ def test_run_without_checkpoint_trains_once_then_reuses_the_cache(isolated_cache
 
 
 def test_training_options_default_to_the_defense_recipe():
-    from patchbench.cli import make_train_config
+    from patchbench.cli import TRAIN_OPTIONS, make_train_config
     from patchbench.defenses.bagcert import BagCert
     from patchbench.defenses.smoothing import ColumnSmoothing
     from patchbench.train import TrainConfig
 
-    unset = {"epochs": None, "train_batch_size": None, "seed": None, "crop_padding": None,
-             "max_train_images": None, "hold_out_val": None}
+    unset = {name.replace("-", "_"): None for name in TRAIN_OPTIONS}
     assert make_train_config(BagCert(), unset) == TrainConfig(**BagCert.train_defaults)
     assert make_train_config(ColumnSmoothing(), unset).epochs == 12
     assert make_train_config(BagCert(), {**unset, "epochs": 3}).epochs == 3
