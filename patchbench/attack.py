@@ -376,13 +376,12 @@ def attack_cell_id(checkpoint: Checkpoint, data: ImageData, budget: AttackBudget
                     "patches": list(patches)})
 
 
-def write_attack_cell(results_dir: Path, checkpoint: Checkpoint, data: ImageData,
+def write_attack_cell(results_dir: Path, cell: str, checkpoint: Checkpoint, data: ImageData,
                       result: AttackResult, summary: pd.DataFrame, device: torch.device) -> Path:
-    """Write ``rows/<cell>.csv`` and ``per_image/<cell>.csv.gz`` like ``results.write_cell``;
-    the cell hash includes "attack" and the budget, so it never collides with a certified
-    cell; return the rows path."""
+    """Write ``rows/<cell>.csv`` and ``per_image/<cell>.csv.gz`` like ``results.write_cell``
+    (``cell`` from ``attack_cell_id``: its hash includes "attack" and the budget, so it never
+    collides with a certified cell); return the rows path."""
     budget = dataclasses.asdict(result.budget)
-    cell = attack_cell_id(checkpoint, data, result.budget, list(summary["patch"]))
     rows = summary.assign(
         **model_columns(cell, checkpoint, data),
         **{f"attack_{k}": v for k, v in budget.items()},

@@ -390,7 +390,7 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
     except AttackUnsupportedError as err:
         raise click.UsageError(str(err)) from None
     summary = summarize_attack(result, patches)
-    path = write_attack_cell(results_dir, loaded, data, result, summary, device)
+    path = write_attack_cell(results_dir, cell, loaded, data, result, summary, device)
     table = Table("patch", "clean", "certified (tight)", "certified (global)", "empirical",
                   "violations", title=f"{defense_name}: {len(data)} images attacked in "
                                       f"{result.attack_seconds:.1f} s")
