@@ -425,6 +425,8 @@ def gallery_lines(results_dir: Path, certified: pd.DataFrame, configs: pd.DataFr
              "(red); middle and right: the votes of the prediction and of the strongest rival "
              "class (black: the cell votes for it), with that patch's footprint outlined. A "
              "margin >= 0 means certified.", ""]
+    for stale in figures_dir.glob("gallery_*.png"):  # numbering and names follow the configs
+        stale.unlink()
     if n == 0:
         return lines + ["_Gallery turned off (`--gallery-images 0`)._", ""]
     representative = newest(certified, ["config_key"]).set_index("config_key")

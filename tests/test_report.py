@@ -103,6 +103,9 @@ def add_failed_cell(results: Path) -> None:
     (results / "failed" / "deadbeef.json").write_text(json.dumps(record))
 
 
+STALE_GALLERY = "gallery_9_a-config-no-longer-here.png"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny models on a shared CPU: a second torch thread only adds waiting (3x slower)."""
@@ -122,6 +125,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         assert run.exit_code == 0, run.output
     add_crafted_cell(results)
     add_failed_cell(results)
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / STALE_GALLERY).write_bytes(b"left by an older report")
     result = invoke("report", "--results-dir", str(results), "--out", str(out), cache=cache)
     rows = pd.concat([pd.read_csv(p) for p in (results / "rows").glob("*.csv")],
                      ignore_index=True)
@@ -149,6 +154,7 @@ def test_report_writes_markdown_figures_and_tables(built: Built) -> None:
     assert {"figures/certified_vs_patch_size.png", "figures/patch_shapes.png",
             "figures/time_vs_parameters.png", "figures/certified_vs_attacked.png"} <= set(linked)
     assert len([p for p in linked if "gallery" in p]) == 2  # rf 7 has no checkpoint
+    assert not (built.out / "figures" / STALE_GALLERY).exists()
     for path in linked:
         with Image.open(built.out / path) as image:
             assert image.format == "PNG" and min(image.size) > 100
