@@ -12,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -101,12 +103,24 @@ def assert_same_results(results: Path, reference: Path) -> None:
 ATTEMPTS = 3
 
 
-def interrupted_sweep(tmp_path: Path, interrupt, where: str
-                      ) -> tuple[Path, Path, subprocess.Popen]:
-    """Run the sweep and ``interrupt(results, process, log)`` it; return (results, cache,
-    process). An attempt in which the sweep finished all its cells before the signal landed
-    (a test process starved of CPU acts late) interrupted nothing: it is run again, in a fresh
-    folder, up to ATTEMPTS times."""
+@dataclass(frozen=True)
+class Interrupted:
+    """A sweep that a signal stopped before its last cell; ``seen`` is what the interrupt
+    returned (what it read while the sweep ran)."""
+
+    results: Path
+    cache: Path
+    log: Path  # the sweep's stderr
+    process: subprocess.Popen
+    seen: Any
+
+
+def interrupted_sweep(tmp_path: Path,
+                      interrupt: Callable[[Path, subprocess.Popen, Path], Any],
+                      where: str) -> Interrupted:
+    """Run the sweep and ``interrupt(results, process, log)`` it. An attempt in which the
+    sweep finished all its cells before the signal landed (a test process starved of CPU acts
+    late) interrupted nothing: it is run again, in a fresh folder, up to ATTEMPTS times."""
     for attempt in range(ATTEMPTS):
         folder = tmp_path / f"attempt-{attempt}"
         results, cache, log = folder / "results", folder / "cache", folder / "sweep.log"
@@ -115,12 +129,12 @@ def interrupted_sweep(tmp_path: Path, interrupt, where: str
             process = subprocess.Popen(sweep(results), stdout=subprocess.DEVNULL, stderr=err,
                                        env=env(cache))
             try:
-                interrupt(results, process, log)
+                seen = interrupt(results, process, log)
             finally:
                 process.kill()
                 process.wait()
         if len(rows_files(results)) < len(RFS):
-            return results, cache, process
+            return Interrupted(results, cache, log, process, seen)
     raise AssertionError(f"the sweep ended before the signal in {ATTEMPTS} attempts ({where})")
 
 
@@ -170,8 +184,9 @@ def test_a_sweep_killed_at_a_random_point_resumes_to_the_same_files(
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
 
-    results, cache, process = interrupted_sweep(tmp_path, kill, where)
-    assert process.returncode == -signal.SIGKILL
+    run = interrupted_sweep(tmp_path, kill, where)
+    results, cache = run.results, run.cache
+    assert run.process.returncode == -signal.SIGKILL
     finished = rows_files(results)
     models = sorted(cache.rglob("*.pt"))
     kept = {p: p.stat().st_mtime_ns for p in [*finished, *models]}
@@ -193,21 +208,20 @@ def test_a_sweep_killed_at_a_random_point_resumes_to_the_same_files(
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_keeps_finished_cells(
         tmp_path: Path, uninterrupted: Reference) -> None:
-    written: dict[Path, bytes] = {}
-
-    def ctrl_c(results: Path, process: subprocess.Popen, log: Path) -> None:
+    def ctrl_c(results: Path, process: subprocess.Popen, log: Path) -> tuple[Path, dict]:
+        """Ctrl-C once the first cell is written; return it and the bytes of its files."""
         wait_for(lambda: bool(rows_files(results)), process, log)
         first = rows_files(results)[0]
         per_image = results / "per_image" / f"{first.stem}.csv.gz"
-        written.clear()
-        written.update({first: first.read_bytes(), per_image: per_image.read_bytes()})
+        written = {first: first.read_bytes(), per_image: per_image.read_bytes()}
         process.send_signal(signal.SIGINT)
         process.wait(timeout=300)
+        return first, written
 
-    results, cache, process = interrupted_sweep(tmp_path, ctrl_c, "Ctrl-C after the first cell")
-    first = next(iter(written))  # the rows file
-    stderr = (results.parent / "sweep.log").read_text()
-    assert process.returncode == 130, stderr
+    run = interrupted_sweep(tmp_path, ctrl_c, "Ctrl-C after the first cell")
+    results, cache, (first, written) = run.results, run.cache, run.seen
+    stderr = run.log.read_text()
+    assert run.process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert stderr.rstrip().splitlines()[-1] == "Interrupted: finished results are kept."
     assert {path: path.read_bytes() for path in written} == written  # kept intact
