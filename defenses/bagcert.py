@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patchbench.defense import Defense, DefenseConfig
+from patchbench.defense import DefenseConfig, TrainStep, VoteMapDefense
 from patchbench.footprints import Footprints, clipped_intervals
 from patchbench.patches import PatchShape
 
@@ -147,7 +147,7 @@ def map_size(geometry: list[Geometry], n: int) -> int:
     return n
 
 
-class BagCert(Defense):
+class BagCert(VoteMapDefense):
     name = "bagcert"
     description = "BagNet votes clipped by a Heaviside, margin-trained (Metzen & Yatsura 2021)"
     Config = BagCertConfig
@@ -190,7 +190,8 @@ class BagCert(Defense):
             cols=clipped_intervals(image_hw[1], patch.width, rf, stride, padding, w),
             cyclic=False)
 
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor,
+             step: TrainStep | None = None) -> tuple[Tensor, Tensor]:
         """Hinge on the tight margin of one random patch per image.
 
         With straight-through votes v (B, C, h, w), N = h*w cells, a footprint R drawn by

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patchbench.defense import Defense, DefenseConfig
+from patchbench.defense import DefenseConfig, TrainStep, VoteMapDefense
 from patchbench.footprints import Footprints, cyclic_intervals
 from patchbench.patches import PatchShape, box_masks
 
@@ -202,7 +202,7 @@ def _small_image_stem(model: nn.Module) -> None:
     model.maxpool = nn.Identity()
 
 
-class Smoothing(Defense):
+class Smoothing(VoteMapDefense):
     """Shared implementation; subclasses only pick the ablation ``mode``."""
 
     mode: ClassVar[str] = ""
@@ -236,7 +236,8 @@ class Smoothing(Defense):
         return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum,
                                weight_decay=c.weight_decay)
 
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor,
+             step: TrainStep | None = None) -> tuple[Tensor, Tensor]:
         """Cross-entropy of the base classifier on one random ablation per image."""
         image_hw = (images.shape[-2], images.shape[-1])
         map_h, map_w = vote_map_hw(self.mode, image_hw)

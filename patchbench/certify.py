@@ -1,4 +1,5 @@
-"""The certification core: a vote map and footprints in, predictions and certificates out.
+"""The vote-map certification core: a vote map and footprints in, predictions and certificates
+out; and the ``Certificate`` every defense family returns.
 
 It knows nothing about any defense (DESIGN.md §1). With ``n_c`` the votes of class ``c``,
 ``y`` the prediction (argmax, ties to the smallest index), ``a_c(R)`` the votes of ``c``
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -33,18 +34,28 @@ DEFAULT_MAX_ELEMENTS = 1 << 26
 
 @dataclass
 class Certificate:
-    """Outcome for a batch of B images and S patch shapes.
+    """Outcome for a batch of B images and S patch shapes, for a defense of any family.
 
-    ``margin[cond]`` is (B, S) int64; ``certified[cond]`` is ``margin >= 0``.
+    ``prediction`` is the defended prediction, int64: (B,) where it is the same for every
+    shape (vote maps), else (B, S) (masking: each shape has its own mask set).
+    ``certified[cond]`` is (B, S) bool. ``margin[cond]`` (B, S), any number type, is there for
+    the conditions that have one (certified iff margin >= 0); ``counts`` (B, C) holds the votes
+    per class of a vote-map defense.
     """
 
-    prediction: Tensor  # (B,) int64
-    counts: Tensor  # (B, C) int64, votes per class
-    margin: dict[str, Tensor]
+    prediction: Tensor
+    certified: dict[str, Tensor]
+    margin: dict[str, Tensor] = field(default_factory=dict)
+    counts: Tensor | None = None
+
+    def prediction_for(self, shape: int) -> Tensor:
+        """(B,) defended prediction for the ``shape``-th patch shape."""
+        return self.prediction if self.prediction.dim() == 1 else self.prediction[:, shape]
 
     @property
-    def certified(self) -> dict[str, Tensor]:
-        return {cond: m >= 0 for cond, m in self.margin.items()}
+    def per_shape(self) -> bool:
+        """True where the prediction depends on the patch shape."""
+        return self.prediction.dim() == 2
 
 
 def certify_votes(votes: Tensor, footprints: Sequence[Footprints],
@@ -84,8 +95,9 @@ def certify_votes(votes: Tensor, footprints: Sequence[Footprints],
     if "tight" in conditions:
         margin["tight"] = _tight_margins(votes, footprints, prediction, lead, not_pred,
                                          max_elements, big)
-    return Certificate(prediction=prediction, counts=counts,
-                       margin={c: margin[c] for c in conditions})
+    margin = {c: margin[c] for c in conditions}
+    return Certificate(prediction=prediction, certified={c: m >= 0 for c, m in margin.items()},
+                       margin=margin, counts=counts)
 
 
 def _tight_margins(votes: Tensor, footprints: Sequence[Footprints], prediction: Tensor,

@@ -1,14 +1,17 @@
 """The Defense interface and the entry-point registry.
 
-A defense turns an image batch into a vote map (B, C, h, w) and tells which cells a patch can
-touch (its footprints); the certification core does the rest. Built-ins and third-party
-defenses register the same way, under the entry-point group ``patchbench.defenses``.
+Every certified defense says which certification conditions it has and certifies a batch into
+a ``Certificate`` (DESIGN.md §7). The vote-map family (``VoteMapDefense``) does that through
+the shared core from a vote map and footprints; the masking family on its own. Built-ins and
+third-party defenses register the same way, under the entry-point group
+``patchbench.defenses``.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from patchbench.footprints import Footprints
 from patchbench.patches import PatchShape, check_fits
 
 ENTRY_POINT_GROUP = "patchbench.defenses"
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -30,30 +34,60 @@ class DefenseConfig:
     """Base of every defense's parameters: a flat dataclass of numbers, strings and bools."""
 
 
-class Defense(abc.ABC):
-    """A certified patch defense. Subclasses set ``name``, ``description`` and ``Config``.
+@dataclass(frozen=True)
+class TrainStep:
+    """Where training stands when ``Defense.loss`` is called, so that a recipe can ramp."""
 
-    What the harness asks of a defense:
+    epoch: int  # 0-based
+    step: int  # 0-based, counted over all epochs
+    epochs: int
+    total_steps: int
+
+
+# Features of the harness beyond run/report, and the hooks each needs (``Defense.missing``).
+FEATURES: dict[str, tuple[str, ...]] = {
+    "attack": ("attack_surrogate", "defended_prediction"),
+    "bench": ("forward_passes", "reference_certify"),
+    "gallery": ("explain",),
+}
+
+
+class Defense(abc.ABC):
+    """A certified patch defense, of any certificate family. Subclasses set ``name``,
+    ``description``, ``Config`` and ``conditions``.
+
+    What the harness asks of every defense:
 
     * ``build_model(in_shape, num_classes)``: a fresh ``nn.Module``;
-    * ``loss(model, images, labels)``: the training loss of one batch and the predictions
-      the training-time forward pass makes (for the running accuracy, at no extra cost);
-    * ``optimizer(model)``: the optimiser its published recipe uses;
-    * ``votes(model, images)``: the vote map, bool (B, C, h, w);
-    * ``footprints(patch, image_hw)``: the cells one patch shape can touch;
+    * ``loss(model, images, labels, step)``: the training loss of one batch and the
+      predictions the training-time forward pass makes (for the running accuracy);
+    * ``optimizer(model)`` and ``schedule(optimizer, total_steps, kind)``: its recipe;
+    * ``conditions``: the names of its certification conditions;
+    * ``certify(model, images, patches, conditions)``: a ``Certificate``: per image and patch
+      shape the defended prediction and a certified flag per condition (margins if it has);
     * ``num_parameters(model)``: what its size is reported as.
 
-    ``certify`` combines votes and footprints through the shared core; a defense whose
-    certificate is not a vote map overrides it (the one escape hatch).
+    Optional features each need their own hooks (``FEATURES``); ``missing(feature)`` names the
+    ones a defense lacks, and the harness reports "not supported by <defense>: <missing>":
+
+    * attack: ``attack_surrogate(model, patched, prediction, boxes, patch)``, a differentiable
+      objective (N,) that is positive only where the prediction may change, and
+      ``defended_prediction(model, patched, patch)``, the real prediction that judges it;
+    * bench: ``forward_passes(model, images, patches)``, the bare forward passes that
+      certification needs, and ``reference_certify(model, images, patches)``, an independent
+      straightforward implementation (``bench.ReferenceResult``);
+    * gallery: ``explain(model, image, patch)``, one ``gallery.Explanation`` of why the image is
+      (not) certified.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Config: ClassVar[type[DefenseConfig]] = DefenseConfig
+    conditions: ClassVar[tuple[str, ...]] = ()
     # TrainConfig fields of the defense's own recipe (epochs, batch_size, crop_padding, ...)
     train_defaults: ClassVar[dict[str, Any]] = {}
-    # Parameters that only change how a trained model's outputs are read into votes (e.g. a
-    # vote threshold): checkpoints are shared across them and they may differ at certification.
+    # Parameters that only change how a trained model is read at certification (e.g. a vote
+    # threshold): checkpoints are shared across them and they may differ at certification.
     certify_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: DefenseConfig | None = None, **params: Any) -> None:
@@ -79,25 +113,62 @@ class Defense(abc.ABC):
     def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module: ...
 
     @abc.abstractmethod
-    def loss(self, model: nn.Module, images: Tensor, labels: Tensor
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor, step: TrainStep
              ) -> tuple[Tensor, Tensor]: ...
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def schedule(self, optimizer: torch.optim.Optimizer, total_steps: int, kind: str
+                 ) -> torch.optim.lr_scheduler.LRScheduler:
+        """The learning-rate schedule of the recipe: ``kind`` is TrainConfig.schedule."""
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+        if kind == "constant":
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps))))
+
+    def num_parameters(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    @abc.abstractmethod
+    def certify(self, model: nn.Module, images: Tensor, patches: Sequence[PatchShape],
+                conditions: Sequence[str]) -> Certificate:
+        """Certify ``images`` (B, C, H, W) for every shape of ``patches`` under ``conditions``
+        (a subset of ``self.conditions``); called without gradients."""
+
+    def missing(self, feature: str) -> list[str]:
+        """The hooks ``feature`` needs that this defense does not offer."""
+        return [hook for hook in FEATURES[feature] if not callable(getattr(self, hook, None))]
+
+    def unsupported(self, feature: str) -> str | None:
+        """"not supported by <defense>: <what is missing>", or None where it is supported."""
+        missing = self.missing(feature)
+        if not missing:
+            return None
+        return f"{feature} not supported by {self.name}: it lacks {', '.join(missing)}"
+
+
+class VoteMapDefense(Defense):
+    """The vote-map family (DESIGN.md §1): a vote map (B, C, h, w) and the footprints of each
+    patch shape go through the shared certification core, so a subclass only adds
+
+    * ``votes(model, images)``: the vote map, bool (B, C, h, w);
+    * ``footprints(patch, image_hw)``: the cells one patch shape can touch;
+
+    and, for the attack, ``touched_cells(image_hw, boxes)`` (the cells each patch box can
+    change, from the defense's own geometry) and ``soft_votes(model, images, cells)`` (the votes
+    of those cells relaxed to [0, 1]); the gallery and bench need nothing more.
+    """
+
+    conditions = CONDITIONS
 
     @abc.abstractmethod
     def votes(self, model: nn.Module, images: Tensor) -> Tensor: ...
 
     @abc.abstractmethod
     def footprints(self, patch: PatchShape, image_hw: tuple[int, int]) -> Footprints: ...
-
-    def num_parameters(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in model.parameters())
-
-    @property
-    def certifies_from_votes(self) -> bool:
-        """False for a defense that overrides ``certify`` (its certificate is no vote map)."""
-        return type(self).certify is Defense.certify
 
     def certify(self, model: nn.Module, images: Tensor, patches: Sequence[PatchShape],
                 conditions: Sequence[str] = CONDITIONS) -> Certificate:
@@ -106,6 +177,10 @@ class Defense(abc.ABC):
         with torch.no_grad():
             votes = self.votes(model, images)
         return certify_votes(votes, [self.footprints(p, image_hw) for p in patches], conditions)
+
+    def missing(self, feature: str) -> list[str]:
+        hooks = {"attack": ("touched_cells", "soft_votes")}.get(feature, ())
+        return [hook for hook in hooks if not callable(getattr(self, hook, None))]
 
 
 def _coerce(value: Any, kind: type, key: str) -> Any:

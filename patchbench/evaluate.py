@@ -14,10 +14,12 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental import optimization as fx_optimization
 
-from patchbench.certify import certify_votes
+from patchbench import per_image
+from patchbench.certify import Certificate, certify_votes
 from patchbench.data import ImageData, batches
-from patchbench.defense import Defense
+from patchbench.defense import Defense, VoteMapDefense
 from patchbench.patches import PatchShape, check_fits
+from patchbench.per_image import certificate_columns
 from patchbench.progress import progress_bar
 
 
@@ -25,9 +27,9 @@ from patchbench.progress import progress_bar
 class Evaluation:
     """Per-image outcomes plus the timings of one certification pass."""
 
-    per_image: pd.DataFrame  # index, label, prediction, votes_<c>, margin/certified per shape
-    forward_seconds: float  # the defense's vote computation (0 for a defense that overrides
-    #                         ``certify``, whose forward passes cannot be timed apart)
+    per_image: pd.DataFrame  # see patchbench.per_image
+    forward_seconds: float  # a vote-map defense's vote computation (NaN for other families,
+    #                         whose forward passes are interleaved with certification)
     certify_seconds: float  # forward passes plus the certification core
 
 
@@ -95,7 +97,8 @@ def certify_split(defense: Defense, model: nn.Module, data: ImageData,
     device = torch.device(device)
     dtype = precision_dtype(precision)
     check_fits(list(patches), data.in_shape[1:])
-    footprints = [defense.footprints(p, data.in_shape[1:]) for p in patches]
+    footprints = ([defense.footprints(p, data.in_shape[1:]) for p in patches]
+                  if isinstance(defense, VoteMapDefense) else [])
     model = for_inference(model.to(device), precision)
     frames, forward_s, core_s, offset = [], 0.0, 0.0, 0
     with progress_bar(show_progress) as bar, torch.no_grad():
@@ -104,32 +107,27 @@ def certify_split(defense: Defense, model: nn.Module, data: ImageData,
             images = images.to(device, dtype, non_blocking=True)
             synchronize(device)
             t0 = time.perf_counter()
-            if defense.certifies_from_votes:
+            if isinstance(defense, VoteMapDefense):  # time the forward passes apart
                 votes = defense.votes(model, images)
                 synchronize(device)
                 t1 = time.perf_counter()
                 check_votes(votes, len(labels), data.num_classes, defense.name)
                 cert = certify_votes(votes, footprints, conditions)
-            else:  # the escape hatch: the defense certifies on its own
+            else:  # its forward passes and certificate are one computation
                 t1 = t0
                 cert = defense.certify(model, images, patches, conditions)
+                check_certificate(cert, len(labels), conditions, len(patches), defense.name)
             synchronize(device)
             forward_s += t1 - t0
             core_s += time.perf_counter() - t1
             frame = {"index": range(offset, offset + len(labels)), "label": labels.numpy(),
-                     "prediction": cert.prediction.cpu().numpy()}
-            counts = cert.counts.cpu().numpy()
-            for c in range(counts.shape[1]):
-                frame[f"votes_{c}"] = counts[:, c]
-            for cond, margin in cert.margin.items():
-                margin = margin.cpu().numpy()
-                for s, patch in enumerate(patches):
-                    frame[f"margin_{cond}_{patch}"] = margin[:, s]
+                     **certificate_columns(cert, patches)}
             frames.append(pd.DataFrame(frame))
             offset += len(labels)
             bar.update(task, advance=len(labels))
-    per_image = pd.concat(frames, ignore_index=True)
-    return Evaluation(per_image, forward_s, forward_s + core_s)
+    table = pd.concat(frames, ignore_index=True)
+    timed_apart = isinstance(defense, VoteMapDefense)
+    return Evaluation(table, forward_s if timed_apart else float("nan"), forward_s + core_s)
 
 
 def check_votes(votes: Tensor, n_images: int, n_classes: int, name: str) -> None:
@@ -143,15 +141,36 @@ def check_votes(votes: Tensor, n_images: int, n_classes: int, name: str) -> None
                          f"({n_images}, {n_classes}, h, w), got {got}")
 
 
+def check_certificate(cert: Certificate, n_images: int, conditions: Sequence[str],
+                      n_shapes: int, name: str) -> None:
+    """A plugin's malformed certificate must fail loudly, not be recorded as something else."""
+    problems = []
+    if tuple(cert.prediction.shape) not in ((n_images,), (n_images, n_shapes)):
+        problems.append(f"prediction of shape {tuple(cert.prediction.shape)}")
+    if set(cert.certified) != set(conditions):
+        problems.append(f"conditions {sorted(cert.certified)} instead of {sorted(conditions)}")
+    for cond, flags in cert.certified.items():
+        if flags.dtype != torch.bool or tuple(flags.shape) != (n_images, n_shapes):
+            problems.append(f"certified[{cond!r}] {flags.dtype} {tuple(flags.shape)}")
+    for cond, margin in cert.margin.items():
+        if tuple(margin.shape) != (n_images, n_shapes) or not torch.equal(
+                margin >= 0, cert.certified.get(cond, margin >= 0)):
+            problems.append(f"margin[{cond!r}] that disagrees with its certified flags")
+    if problems:
+        raise ValueError(f"defense {name!r} returned a malformed certificate: "
+                         f"{'; '.join(problems)} (expected bool ({n_images}, {n_shapes}) "
+                         f"flags per condition)")
+
+
 def summarize(evaluation: Evaluation, patches: Sequence[PatchShape],
               conditions: Sequence[str]) -> pd.DataFrame:
     """One row per (patch shape, condition): counts and accuracies."""
     table = evaluation.per_image
-    correct = table["prediction"] == table["label"]
     rows = []
     for patch in patches:
+        correct = per_image.correct(table, patch)
         for cond in conditions:
-            certified = correct & (table[f"margin_{cond}_{patch}"] >= 0)
+            certified = correct & per_image.certified(table, cond, patch)
             rows.append({"patch": str(patch), "patch_h": patch.height, "patch_w": patch.width,
                          "patch_area": patch.area, "aspect": patch.width / patch.height,
                          "condition": cond, "n_images": len(table),

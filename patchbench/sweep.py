@@ -76,7 +76,7 @@ class Cell:
     split: str
     n_images: int
     patches: tuple[str, ...]
-    conditions: tuple[str, ...]
+    conditions: tuple[str, ...] = CONDITIONS
     precision: str = "fp32"  # the votes' precision (evaluate.for_inference)
     checkpoint: str | None = None  # an explicit checkpoint file instead of the cache's
     checkpoint_sha256: str | None = None
@@ -130,7 +130,7 @@ def log(message: str) -> None:
 def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape],
               dataset: str = "fashion-mnist", params: Mapping[str, Any] | None = None, *,
               split: str = "test", n_images: int | None = None,
-              conditions: str | Sequence[str] = CONDITIONS,
+              conditions: str | Sequence[str] | None = None,
               train: Mapping[str, Any] | None = None, results_dir: str | Path = "results",
               force: bool = False, device: str | torch.device = "auto", batch_size: int = 256,
               data_dir: str | Path | None = None, download: bool = False,
@@ -209,18 +209,15 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
                                [str(p) for p in patches])
     except ValueError as err:
         raise SweepError(str(err), "--patch") from None
-    conditions = _names(conditions, "condition", "--condition")
+    asked = None if conditions is None else _names(conditions, "condition", "--condition")
     if precision not in PRECISIONS:
         raise SweepError(f"unknown precision {precision!r}; choose from "
                          f"{', '.join(PRECISIONS)}", "--precision")
-    unknown = [c for c in conditions if c not in CONDITIONS]
-    if unknown:
-        raise SweepError(f"unknown condition(s) {unknown}; choose from {', '.join(CONDITIONS)}",
-                         "--condition")
     unknown = sorted(set(train) - set(TRAIN_FIELDS))
     if unknown:
         raise SweepError(f"unknown training option(s) {unknown}; choose from {TRAIN_FIELDS}")
     classes = load_defenses(names)
+    own_conditions = defense_conditions(classes, asked)
     grids = parameter_grids(classes, {k: _values(k, v) for k, v in params.items()})
     data = eval_data(dataset, split, str(data_dir) if data_dir else None, download)
     data = data.subset(n_images)
@@ -229,12 +226,12 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
     except ValueError as err:
         raise SweepError(str(err), "--patch") from None
     common = {"dataset": dataset, "split": split, "n_images": len(data),
-              "patches": tuple(str(s) for s in shapes), "conditions": tuple(conditions),
-              "precision": precision}
+              "patches": tuple(str(s) for s in shapes), "precision": precision}
     cells: dict[str, Cell] = {}
     for name, cls in classes.items():
         for given in grids[name]:
-            cell = Cell(name, *configure(cls, given, dict(train), dataset), **common)
+            cell = Cell(name, *configure(cls, given, dict(train), dataset),
+                        conditions=own_conditions[name], **common)
             cells.setdefault(cell.id, cell)
     if checkpoint is None:
         return list(cells.values())
@@ -242,6 +239,27 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
         raise SweepError(f"a checkpoint is one model, but the sweep has {len(cells)} cells",
                          "--checkpoint")
     return [with_checkpoint(next(iter(cells.values())), Path(checkpoint))]
+
+
+def defense_conditions(classes: Mapping[str, type[Defense] | None], asked: list[str] | None
+                       ) -> dict[str, tuple[str, ...]]:
+    """Each defense's conditions: all of its own, or those of ``asked`` that it has. A name no
+    loaded defense has, or a defense left with none, is the user's error."""
+    own = {name: tuple(cls.conditions) if cls is not None else tuple(asked or CONDITIONS)
+           for name, cls in classes.items()}
+    if asked is None:
+        return own
+    known = {c for conds in own.values() for c in conds}
+    unknown = [c for c in asked if c not in known]
+    if unknown:
+        raise SweepError(f"unknown condition(s) {unknown}; choose from {', '.join(sorted(known))}",
+                         "--condition")
+    picked = {name: tuple(c for c in asked if c in conds) for name, conds in own.items()}
+    empty = [name for name, conds in picked.items() if not conds]
+    if empty:
+        raise SweepError(f"defense {empty[0]!r} has none of the conditions {asked}; it has "
+                         f"{', '.join(own[empty[0]])}", "--condition")
+    return picked
 
 
 def _names(value: str | Sequence[str], what: str = "defense", option: str = "--defense"

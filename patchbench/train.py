@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patchbench.data import ImageData, batches
-from patchbench.defense import Defense
+from patchbench.defense import Defense, TrainStep
 from patchbench.progress import progress_bar
 
 
@@ -22,7 +22,7 @@ class TrainConfig:
     seed: int = 0
     crop_padding: int = 2  # random-crop augmentation: pad with zeros, crop back at random
     hflip: bool = False
-    schedule: str = "cosine"  # "cosine" or "constant" learning rate
+    schedule: str = "cosine"  # "cosine" or "constant" learning rate (Defense.schedule)
     max_images: int = 0  # train on the first N training images only (0: all)
     hold_out_val: bool = False  # leave the "val" split out of training, to select settings on it
     precision: str = "fp32"  # "bf16": autocast mixed precision (weights stay fp32) in the
@@ -36,8 +36,6 @@ def train(defense: Defense, data: ImageData, config: TrainConfig,
           device: torch.device | str = "cpu", show_progress: bool = True
           ) -> tuple[nn.Module, dict[str, float]]:
     """Train a fresh model of ``defense`` on ``data``; return it (eval mode) and metrics."""
-    if config.schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {config.schedule!r}")
     if config.precision not in TRAIN_PRECISIONS:
         raise ValueError(f"training precision must be one of {TRAIN_PRECISIONS}, "
                          f"got {config.precision!r}")
@@ -53,11 +51,9 @@ def train(defense: Defense, data: ImageData, config: TrainConfig,
     optimizer = defense.optimizer(model)
     steps_per_epoch = math.ceil(len(data) / config.batch_size)
     total = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-        if config.schedule == "cosine" else (lambda step: 1.0))
+    scheduler = defense.schedule(optimizer, total, config.schedule)
     start = time.perf_counter()
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, step = 0.0, 0, 0, 0
     model.train()
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"train {defense.name}", total=total, status="")
@@ -69,11 +65,13 @@ def train(defense: Defense, data: ImageData, config: TrainConfig,
                 images = images.contiguous(memory_format=layout)
                 labels = labels.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-                    loss, predictions = defense.loss(model, images, labels)
+                    loss, predictions = defense.loss(
+                        model, images, labels, TrainStep(epoch, step, config.epochs, total))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                step += 1
                 loss_sum += loss.item() * len(labels)
                 correct += (predictions == labels).sum().item()
                 seen += len(labels)
