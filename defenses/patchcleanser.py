@@ -25,7 +25,7 @@ a random patch shape per image.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -338,16 +338,92 @@ class PatchCleanser(Defense):
         own = logits.gather(2, prediction[:, None, None].expand(n, m, 1)).squeeze(2)
         rival = logits.scatter(2, prediction[:, None, None].expand(n, m, 1),
                                float("-inf")).amax(dim=2)
-        tops, lefts = boxes[:, 0, None], boxes[:, 1, None]
-        (row_starts, row_side), (col_starts, col_side) = mask_set(
-            patch, image_hw, self.config.masks_per_axis)
-        starts_r = torch.tensor(row_starts, device=images.device).repeat_interleave(
-            len(col_starts))
-        starts_c = torch.tensor(col_starts, device=images.device).repeat(len(row_starts))
-        covers = ((starts_r <= tops) & (tops + patch.height <= starts_r + row_side)
-                  & (starts_c <= lefts) & (lefts + patch.width <= starts_c + col_side))
+        # a mask covers a box where it holds all of the box's pixels (from the mask set itself)
+        from patchbench.patches import box_masks
+
+        inside = box_masks(boxes, image_hw).flatten(1).float() @ masks.flatten(1).float().T
+        covers = inside >= boxes[:, 2:].prod(dim=1, keepdim=True).float()
         weight = (~covers).float()
         return ((rival - own) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+
+    # -- bench --------------------------------------------------------------------------------
+    def forward_passes(self, model: nn.Module, images: Tensor, patches: Sequence[PatchShape],
+                       max_forward: int = MAX_FORWARD, max_prebuilt_bytes: int = 1 << 30
+                       ) -> tuple[Callable[[], object], int]:
+        """Bench (a): a callable running the bare forward passes that certifying ``images`` for
+        ``patches`` needs, without early exit and without the decision (predictions only):
+        every two-mask image (i <= j: k^2 (k^2 + 1) / 2 per image and distinct mask set) in
+        blocks of ``max_forward``; and the number of model inputs per image. The masked inputs
+        are built beforehand (up to ``max_prebuilt_bytes``; beyond, built blocks are reused: a
+        convolution's cost does not depend on the pixel values), so the callable leaves out
+        building them."""
+        image_hw = (images.shape[-2], images.shape[-1])
+        check_fits(list(patches), image_hw)
+        pair_masks = []
+        for key, _ in _shared(patches, image_hw, self.config.masks_per_axis):
+            masks = mask_tensor(key, image_hw, images.device)
+            i, j = torch.triu_indices(len(masks), len(masks), device=images.device)
+            pair_masks.append(masks[i] | masks[j])
+        pairs = torch.cat(pair_masks)
+        n_pairs, total = len(pairs), len(images) * len(pairs)
+
+        def build(lo: int) -> Tensor:
+            flat = torch.arange(lo, min(lo + max_forward, total), device=images.device)
+            return apply_masks(images[flat // n_pairs], pairs[flat % n_pairs],
+                               self.config.mask_value)
+
+        n_full = total // max_forward
+        block_bytes = max_forward * images[0].numel() * images.element_size()
+        kept = [build(b * max_forward)
+                for b in range(min(n_full, max(1, max_prebuilt_bytes // block_bytes)))]
+        last = build(n_full * max_forward) if total % max_forward else None
+
+        def run() -> None:
+            for b in range(n_full):
+                model(kept[b % len(kept)]).argmax(dim=1)
+            if last is not None:
+                model(last).argmax(dim=1)
+        return run, n_pairs
+
+    def reference_certify(self, model: nn.Module, images: Tensor,
+                          patches: Sequence[PatchShape]):  # -> bench.ReferenceResult
+        """Bench (r): the published code's way (``bench.reference_patchcleanser``)."""
+        from patchbench.bench import reference_patchcleanser
+
+        return reference_patchcleanser(model, images, patches, self.config.masks_per_axis,
+                                       self.config.mask_value)
+
+    # -- gallery ------------------------------------------------------------------------------
+    def explain(self, model: nn.Module, image: Tensor, patch: PatchShape):  # -> Explanation
+        """Why ``image`` (C, H, W) is (not) certified for ``patch`` (``gallery.Explanation``):
+        its one-mask labels on the mask grid and the first two-mask prediction (i <= j, in
+        mask order) that differs from the defended prediction, None where it is certified."""
+        from patchbench.gallery import Explanation
+
+        image_hw = (image.shape[-2], image.shape[-1])
+        check_fits([patch], image_hw)
+        images = image[None]
+        (row_starts, _), (col_starts, _) = grid = mask_set(patch, image_hw,
+                                                            self.config.masks_per_axis)
+        masks = mask_tensor(grid, image_hw, image.device)
+        value = self.config.mask_value
+        with torch.no_grad():
+            outcome = double_masking(model, images, masks, value,
+                                     self._num_classes(model, images))
+            i, j = torch.triu_indices(len(masks), len(masks), device=image.device)
+            labels = predict(model, images.expand(len(i), -1, -1, -1), masks[i] | masks[j],
+                             value)
+        prediction = int(outcome.prediction[0])
+        differ = (labels != prediction).nonzero().flatten()
+        first = int(differ[0]) if len(differ) else None
+        pair = None if first is None else (int(i[first]), int(j[first]))
+        return Explanation(
+            image=image.float().cpu().numpy(), patch=patch, prediction=prediction,
+            certified=bool(outcome.certified[0]),
+            one_mask=outcome.one_mask[0].view(len(row_starts), len(col_starts)).cpu().numpy(),
+            pair=pair, masks=() if pair is None else tuple(masks[p].cpu().numpy() for p in pair),
+            mask_prediction=None if first is None else int(labels[first]), pairs=len(i),
+            mask_value=value)
 
 
 def _shared(patches: Sequence[PatchShape], image_hw: tuple[int, int], k: int

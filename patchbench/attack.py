@@ -36,6 +36,14 @@ smoothing touches about 25x more ablations per patch than column smoothing: rais
 A defense takes part through two hooks: ``touched_cells(image_hw, boxes)`` (the cells a patch
 can change, from its own geometry, not from ``footprints``) and ``soft_votes(model, images,
 cells)`` (the relaxed votes of those cells).
+
+A defense of any other family (PatchCleanser) takes part through ``attack_surrogate(model,
+patched, prediction, boxes, patch)`` (a differentiable objective (N,) to ascend) and
+``defended_prediction(model, patched, patch)`` (its real prediction, the judge): the images
+certified by ``certify`` (any condition) or correct are attacked at the strided grid of
+positions, those nearest the image centre first, with the same PGD budget; the best iterate of
+each restart is judged by ``defended_prediction`` on the whole patched image. A defense with
+neither set of hooks gets ``AttackUnsupportedError`` ("attack not supported by ...").
 """
 
 from __future__ import annotations
@@ -50,10 +58,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from patchbench import per_image
 from patchbench.certify import CONDITIONS, Certificate, certify_votes
 from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData, batches
-from patchbench.defense import Defense
+from patchbench.defense import Defense, VoteMapDefense
 from patchbench.evaluate import for_inference, loader_options
 from patchbench.patches import PatchShape, box_masks, check_fits
 from patchbench.progress import progress_bar
@@ -67,6 +76,9 @@ from patchbench.results import (
 )
 
 HOOKS = ("touched_cells", "soft_votes")
+# (image, position) pairs per PGD batch of a defense without a vote map (each surrogate pass
+# may run the base classifier many times per pair: k^2 masked images for PatchCleanser).
+GENERIC_CHUNK = 64
 # Most (image, class, position) margins computed at once when ranking positions.
 MAX_MARGIN_ELEMENTS = 1 << 24
 
@@ -96,25 +108,30 @@ class AttackUnsupportedError(ValueError):
 
 @dataclass(frozen=True)
 class Violation:
-    """A certified image whose prediction a patch changed."""
+    """A certified image whose prediction a patch changed. ``margin`` is that of
+    ``margin_condition`` (the first certifying condition with a margin), None where no
+    certifying condition has one; ``counts_*`` are the votes of a vote-map defense."""
 
     index: int
     patch: PatchShape
     top: int
     left: int
     conditions: tuple[str, ...]  # the conditions that certified it
-    tight_margin: int
+    margin: int | float | None
     prediction: int
-    counts_before: tuple[int, ...]
     adv_prediction: int
-    counts_after: tuple[int, ...]
+    margin_condition: str | None = None
+    counts_before: tuple[int, ...] | None = None
+    counts_after: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
+        margin = ("" if self.margin is None else
+                  f", {self.margin_condition} margin {self.margin}")
+        votes = ("" if self.counts_before is None or self.counts_after is None else
+                 f" (votes {list(self.counts_before)} -> {list(self.counts_after)})")
         return (f"image {self.index}, patch {self.patch} at (top {self.top}, left "
-                f"{self.left}): certified ({'+'.join(self.conditions)}, tight margin "
-                f"{self.tight_margin}) but the prediction changed {self.prediction} -> "
-                f"{self.adv_prediction} (votes {list(self.counts_before)} -> "
-                f"{list(self.counts_after)})")
+                f"{self.left}): certified ({'+'.join(self.conditions)}{margin}) but the "
+                f"prediction changed {self.prediction} -> {self.adv_prediction}{votes}")
 
 
 class SoundnessError(AssertionError):
@@ -126,10 +143,13 @@ class AttackResult:
     """Per-image outcomes, the violations found, the budget and the wall time."""
 
     per_image: pd.DataFrame  # index, label, prediction, votes_<c>, then per shape: margins,
-    #                          attacked, broken, adv_prediction, adv_top, adv_left
+    #                          attacked, broken, adv_prediction, adv_top, adv_left (any other
+    #                          family: index, label, per_image.certificate_columns, then per
+    #                          shape the attack columns)
     violations: list[Violation]
     budget: AttackBudget
     attack_seconds: float
+    conditions: tuple[str, ...] = CONDITIONS  # the defense's certification conditions
 
     def check(self) -> None:
         """Raise SoundnessError naming the first violation, if there is any."""
@@ -142,13 +162,21 @@ def attack_split(defense: Defense, model: nn.Module, data: ImageData,
                  patches: Sequence[PatchShape], budget: AttackBudget = AttackBudget(),
                  batch_size: int = 256, device: torch.device | str = "cpu",
                  show_progress: bool = True) -> AttackResult:
-    """Certify and attack every image of ``data`` for every patch shape (see module doc)."""
-    missing = [hook for hook in HOOKS if not callable(getattr(defense, hook, None))]
-    if missing or not defense.certifies_from_votes:
-        raise AttackUnsupportedError(
-            f"defense {defense.name!r} cannot be attacked: the attack needs a vote map and the "
-            f"hooks {', '.join(HOOKS)}" + (f" (missing: {', '.join(missing)})" if missing else ""))
-    device = torch.device(device)
+    """Certify and attack every image of ``data`` for every patch shape (see module doc):
+    through the vote map for a ``VoteMapDefense``, else through the defense's
+    ``attack_surrogate`` and ``defended_prediction``."""
+    problem = defense.unsupported("attack")
+    if problem is not None:
+        raise AttackUnsupportedError(problem)
+    run = _attack_votes if isinstance(defense, VoteMapDefense) else _attack_generic
+    return run(defense, model, data, patches, budget, batch_size, torch.device(device),
+               show_progress)
+
+
+def _attack_votes(defense: VoteMapDefense, model: nn.Module, data: ImageData,
+                  patches: Sequence[PatchShape], budget: AttackBudget, batch_size: int,
+                  device: torch.device, show_progress: bool) -> AttackResult:
+    """The vote-map attack: ``touched_cells`` and ``soft_votes`` (see module doc)."""
     image_hw = data.in_shape[1:]
     check_fits(list(patches), image_hw)
     footprints = [defense.footprints(p, image_hw) for p in patches]
@@ -198,9 +226,9 @@ def _violations(offset: int, patch: PatchShape, s: int, cert: Certificate,
             index=offset + b, patch=patch, top=int(out["adv_top"][b]),
             left=int(out["adv_left"][b]),
             conditions=tuple(c for c in CONDITIONS if cert.certified[c][b, s]),
-            tight_margin=int(cert.margin["tight"][b, s]), prediction=int(cert.prediction[b]),
+            margin=int(cert.margin["tight"][b, s]), margin_condition="tight",
+            prediction=int(cert.prediction[b]), adv_prediction=int(out["adv_prediction"][b]),
             counts_before=tuple(cert.counts[b].tolist()),
-            adv_prediction=int(out["adv_prediction"][b]),
             counts_after=tuple(out["counts_after"][b].tolist())))
     return found
 
@@ -344,16 +372,156 @@ def _pgd(defense: Defense, model: nn.Module, clean: Tensor, clean_votes: Tensor,
     return flipped, adv_prediction, counts_after
 
 
+def _attack_generic(defense: Defense, model: nn.Module, data: ImageData,
+                    patches: Sequence[PatchShape], budget: AttackBudget, batch_size: int,
+                    device: torch.device, show_progress: bool) -> AttackResult:
+    """The attack on a defense of any family (no vote map): certify with ``certify``, ascend
+    ``attack_surrogate`` on the patch content, judge with ``defended_prediction``. Positions
+    are the strided grid only (no margins to rank them by), those nearest the image centre
+    first; ``worst_positions`` and ``chunk_cells`` do not apply."""
+    image_hw = data.in_shape[1:]
+    check_fits(list(patches), image_hw)
+    conditions = tuple(defense.conditions)
+    model = for_inference(model.to(device))  # the model exactly as `run` certifies with it
+    generator = torch.Generator().manual_seed(budget.seed)
+    frames, violations, offset = [], [], 0
+    start = time.perf_counter()
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task(f"attack {defense.name}", total=len(data) * len(patches), status="")
+        for images, labels in batches(data, batch_size, **loader_options(device)):
+            images, labels = images.to(device), labels.to(device)
+            with torch.no_grad():
+                cert = defense.certify(model, images, patches, conditions)
+            frame: dict = {"index": range(offset, offset + len(labels)),
+                           "label": labels.cpu().numpy(),
+                           **per_image.certificate_columns(cert, patches)}
+            for s, patch in enumerate(patches):
+                prediction = cert.prediction_for(s)
+                certified = torch.stack([cert.certified[c][:, s] for c in conditions]).any(dim=0)
+                targets = (prediction == labels) | certified
+                out = _attack_shape_generic(defense, model, images, prediction, targets, patch,
+                                            budget, generator,
+                                            lambda done: bar.update(task, advance=done))
+                for key, value in out.items():
+                    frame[f"{key}_{patch}"] = value.cpu().numpy()
+                for b in (out["broken"] & certified).nonzero().flatten().tolist():
+                    by = [c for c in conditions if cert.certified[c][b, s]]
+                    with_margin = [c for c in by if c in cert.margin]
+                    margin = cert.margin[with_margin[0]][b, s] if with_margin else None
+                    violations.append(Violation(
+                        index=offset + b, patch=patch, top=int(out["adv_top"][b]),
+                        left=int(out["adv_left"][b]), conditions=tuple(by),
+                        margin=None if margin is None else margin.item(),
+                        margin_condition=with_margin[0] if with_margin else None,
+                        prediction=int(prediction[b]),
+                        adv_prediction=int(out["adv_prediction"][b]),
+                        counts_before=(None if cert.counts is None else
+                                       tuple(cert.counts[b].tolist()))))
+            frames.append(pd.DataFrame(frame))
+            offset += len(labels)
+    return AttackResult(pd.concat(frames, ignore_index=True), violations, budget,
+                        time.perf_counter() - start, conditions)
+
+
+def central_order(image_hw: tuple[int, int], patch: PatchShape, stride: int) -> Tensor:
+    """Boxes (P, 4) of the grid positions (``grid_positions`` on each axis), those whose centre
+    is nearest the image centre first (ties in row-major order)."""
+    height, width = image_hw
+    tops = grid_positions(height, patch.height, stride).nonzero().flatten()
+    lefts = grid_positions(width, patch.width, stride).nonzero().flatten()
+    tops, lefts = (g.flatten() for g in torch.meshgrid(tops, lefts, indexing="ij"))
+    distance = ((2 * tops + patch.height - height) ** 2
+                + (2 * lefts + patch.width - width) ** 2)
+    order = distance.argsort(stable=True)
+    return torch.stack([tops[order], lefts[order], torch.full_like(tops, patch.height),
+                        torch.full_like(tops, patch.width)], dim=1)
+
+
+def _attack_shape_generic(defense: Defense, model: nn.Module, images: Tensor,
+                          prediction: Tensor, targets: Tensor, patch: PatchShape,
+                          budget: AttackBudget, generator: torch.Generator,
+                          advance: Callable[[float], None]) -> dict[str, Tensor]:
+    """Attack the ``targets`` images of a batch with one patch shape, position by position
+    (central first); per image: attacked, broken, adv_prediction/top/left."""
+    device = images.device
+    boxes = central_order(tuple(images.shape[-2:]), patch, budget.position_stride).to(device)
+    # (image, position) pairs, position-major: a chunk tries one position on many images
+    pair_position, pair_image = torch.meshgrid(torch.arange(len(boxes), device=device),
+                                               targets.nonzero().flatten(), indexing="ij")
+    pair_image, pair_position = pair_image.flatten(), pair_position.flatten()
+    out = {"attacked": targets.clone(), "broken": torch.zeros_like(targets),
+           "adv_prediction": prediction.clone(),
+           "adv_top": torch.full_like(prediction, -1), "adv_left": torch.full_like(prediction, -1)}
+    per_pair = len(images) / max(1, len(pair_image))
+    if not len(pair_image):
+        advance(len(images))
+    while len(pair_image):
+        alive = ~out["broken"][pair_image]
+        advance(per_pair * int((~alive).sum()))
+        img, pos = pair_image[alive][:GENERIC_CHUNK], pair_position[alive][:GENERIC_CHUNK]
+        pair_image = pair_image[alive][GENERIC_CHUNK:]
+        pair_position = pair_position[alive][GENERIC_CHUNK:]
+        flipped, adv_prediction = _pgd_generic(defense, model, images[img], prediction[img],
+                                               boxes[pos], patch, budget, generator)
+        for j in flipped.nonzero().flatten().tolist():
+            b = int(img[j])
+            if not out["broken"][b]:  # the first (most central) success is the witness
+                out["broken"][b] = True
+                out["adv_prediction"][b] = adv_prediction[j]
+                out["adv_top"][b], out["adv_left"][b] = boxes[pos[j], 0], boxes[pos[j], 1]
+        advance(per_pair * len(img))
+    return out
+
+
+def _pgd_generic(defense: Defense, model: nn.Module, clean: Tensor, prediction: Tensor,
+                 boxes: Tensor, patch: PatchShape, budget: AttackBudget,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """PGD on the content of one patch per image ascending ``attack_surrogate``; the best
+    iterate of each restart is judged by ``defended_prediction`` on the whole patched image.
+    Return (flipped, adv_prediction)."""
+    n = len(clean)
+    paste = box_masks(boxes, clean.shape[-2:])[:, None].to(clean.dtype)
+    flipped = torch.zeros(n, dtype=torch.bool, device=clean.device)
+    adv_prediction = prediction.clone()
+    alive = torch.arange(n, device=clean.device)
+    for _ in range(budget.restarts):
+        if not len(alive):
+            break
+        base, where, y, at = clean[alive], paste[alive], prediction[alive], boxes[alive]
+        content = torch.rand(base.shape, generator=generator).to(clean)
+        best = content.clone()
+        best_objective = torch.full((len(alive),), -float("inf"), device=clean.device)
+        for step in range(budget.steps + 1):
+            current = content.requires_grad_(True)
+            objective = defense.attack_surrogate(model, base * (1 - where) + current * where,
+                                                 y, at, patch)
+            better = objective.detach() > best_objective
+            best[better] = current.detach()[better]
+            best_objective[better] = objective.detach()[better]
+            if step == budget.steps:
+                break
+            (grad,) = torch.autograd.grad(objective.sum(), current)
+            content = (current.detach() + budget.step_size * grad.sign()).clamp(0, 1)
+        with torch.no_grad():
+            predicted = defense.defended_prediction(model, base * (1 - where) + best * where,
+                                                    patch)
+        hit = predicted != y
+        flipped[alive[hit]] = True
+        adv_prediction[alive[hit]] = predicted[hit]
+        alive = alive[~hit]
+    return flipped, adv_prediction
+
+
 def summarize_attack(result: AttackResult, patches: Sequence[PatchShape]) -> pd.DataFrame:
     """One row per patch shape, ``metric`` "empirical": robust accuracy under the attack
     next to the certified accuracy of the same images (no ``condition``: an attack has none)."""
     table = result.per_image
-    correct = table["prediction"] == table["label"]
     rows = []
     for patch in patches:
+        correct = per_image.correct(table, patch)
         robust = correct & ~table[f"broken_{patch}"]
-        certified = {cond: correct & (table[f"margin_{cond}_{patch}"] >= 0)
-                     for cond in CONDITIONS}
+        certified = {cond: correct & per_image.certified(table, cond, patch)
+                     for cond in result.conditions}
         rows.append({"patch": str(patch), "patch_h": patch.height, "patch_w": patch.width,
                      "patch_area": patch.area, "aspect": patch.width / patch.height,
                      "metric": "empirical", "n_images": len(table),

@@ -5,13 +5,20 @@ and a model with random weights (timing does not depend on training), it measure
 
 (a) ``forward``: the bare forward passes the defense needs: one per image for BagCert; W, H or
     H*W per image for smoothing, run on encoded ablations built beforehand, in the blocks the
-    defense uses, so (a) excludes building them;
+    defense uses, so (a) excludes building them. Any other defense (PatchCleanser) gives them
+    through its ``forward_passes(model, images, patches)`` hook, and as they depend on the
+    patch shapes, (a) is timed for each number of shapes (``forward_<n>``): for PatchCleanser
+    every two-mask image (k^2 (k^2 + 1) / 2 per image and mask set, no early exit), built
+    beforehand, predictions only;
 (b) ``certify``: the whole certification of the same images, ``defense.votes`` and
-    ``certify_votes`` for both conditions, for 1 and for 20 patch shapes; ``core`` is the
-    ``certify_votes`` part alone (votes computed beforehand);
+    ``certify_votes`` for both conditions (another family: ``defense.certify`` for its
+    ``conditions``), for 1 and for 20 patch shapes; ``core`` is the ``certify_votes`` part
+    alone (votes computed beforehand; vote maps only);
 (r) ``reference``: a straightforward implementation of the same certification in the style
-    of the published code (see ``reference_smoothing`` and ``reference_bagcert``), on the same
-    model and images; every run also checks that its decisions equal patchbench's;
+    of the published code (see ``reference_smoothing``, ``reference_bagcert`` and
+    ``reference_patchcleanser``, the last through the defense's ``reference_certify`` hook),
+    on the same model and images; every run also checks that its decisions equal
+    patchbench's;
 (m) peak memory of (b) with the most patch shapes: the process's resident-set high-water mark
     on a CPU (reset just before, through ``/proc/self/clear_refs``), or
     ``torch.cuda.max_memory_allocated`` on a GPU.
@@ -25,7 +32,8 @@ steadier estimate.
 
 Rows are long and tidy (one number per row, ``benchmark == "bench"`` and ``metric`` naming the
 number) and written atomically to ``<results_dir>/rows/bench-<id>.csv``; ``BENCH_COLUMNS``
-lists the columns every row has.
+lists the columns every row has. A defense that lacks the bench hooks (``Defense.missing``)
+is not timed: it gets one row, ``metric == "unsupported"``, whose ``note`` says what it lacks.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from patchbench.certify import CONDITIONS, certify_votes
-from patchbench.defense import Defense, get_defense
+from patchbench.defense import Defense, VoteMapDefense, get_defense
 from patchbench.defenses.bagcert import BagCert, receptive_field
 from patchbench.defenses.smoothing import ABLATED_AXES, Smoothing, ablated_blocks, vote_map_hw
 from patchbench.evaluate import at_precision, for_inference, precision_dtype, synchronize
@@ -80,7 +88,7 @@ BENCH_COLUMNS = (
     "forward_inputs_per_image", "n_parameters", "patches", "conditions", "repeats", "warmup",
     "precision", "channels_last", "compile", "device", "device_name", "threads",
     "load_average", "memory_kind", "git_commit", "torch_version", "patchbench_version",
-    "timestamp",
+    "timestamp", "note",
 )
 
 
@@ -138,12 +146,21 @@ class Measurement:
     peak_memory_bytes: int = 0
     memory_kind: str = ""
     reference_agreement: float | None = None  # fraction of images decided alike
+    # model inputs per image of (a) per number of patch shapes, where (a) depends on them
+    forward_inputs: dict[int, int] = field(default_factory=dict)
+    unsupported: str | None = None  # "bench not supported by <defense>: ...": nothing timed
 
     def time(self, task: str, statistic: str = "median") -> float:
-        """Seconds of ``task`` (forward, certify_<n>, core_<n>, reference_<n>); NaN if absent."""
+        """Seconds of ``task`` (forward, forward_<n>, certify_<n>, core_<n>, reference_<n>);
+        NaN if absent."""
         if task not in self.seconds:
             return math.nan
         return STATISTICS[statistic](self.seconds[task])
+
+    def forward_task(self, n: int) -> str:
+        """The (a) that ``n`` patch shapes are compared with: ``forward_<n>`` where (a)
+        depends on the shapes, else ``forward``."""
+        return f"forward_{n}" if f"forward_{n}" in self.seconds else "forward"
 
     def ratio(self, num: str, den: str, statistic: str = "median") -> float:
         den_s = self.time(den, statistic)
@@ -157,10 +174,14 @@ def bench_patches(image_hw: tuple[int, int], n: int) -> list[PatchShape]:
             for h, w in BASE_PATCHES[:n]]
 
 
-def forward_passes(defense: Defense, model: nn.Module, images: Tensor
+def forward_passes(defense: Defense, model: nn.Module, images: Tensor,
+                   patches: Sequence[PatchShape] | None = None
                    ) -> tuple[Callable[[], object], int] | None:
     """(a): a callable running the bare forward passes of ``defense`` on ``images``, and the
-    number of model inputs per image; None for a defense whose forward passes are unknown."""
+    number of model inputs per image; None for a defense whose forward passes are unknown.
+    Vote maps need the same passes for every patch shape (``patches`` is not used); any other
+    defense answers through its ``forward_passes(model, images, patches)`` hook (None where
+    it has none or ``patches`` is None)."""
     if isinstance(defense, BagCert):
         return (lambda: model(images)), 1
     if isinstance(defense, Smoothing):
@@ -177,15 +198,24 @@ def forward_passes(defense: Defense, model: nn.Module, images: Tensor
             for i in range(n_blocks):
                 model(blocks[i % len(blocks)])
         return run, map_h * map_w
+    hook = getattr(defense, "forward_passes", None)
+    if callable(hook) and patches is not None:
+        return hook(model, images, patches)
     return None
+
+
+def per_shape_forward(defense: Defense) -> bool:
+    """True where (a) depends on the patch shapes, so that it is timed for each number of
+    shapes (``forward_<n>``): every defense but the vote maps."""
+    return not isinstance(defense, VoteMapDefense)
 
 
 # --- references: the published style, for the speed-up and as a cross-check ------------------
 
 @dataclass
 class ReferenceResult:
-    prediction: np.ndarray  # (B,)
-    counts: np.ndarray  # (B, C)
+    prediction: np.ndarray  # (B,), or (B, S) where it depends on the patch shape
+    counts: np.ndarray | None  # (B, C) votes per class; None for a defense without votes
     certified: dict[str, np.ndarray]  # condition -> (B, S) bool
 
 
@@ -278,27 +308,112 @@ def reference_bagcert(model: nn.Module, images: Tensor, patches: Sequence[PatchS
                                           "global": np.stack(glob, axis=1)})
 
 
+def reference_patchcleanser(model: nn.Module, images: Tensor, patches: Sequence[PatchShape],
+                            masks_per_axis: int, mask_value: float) -> ReferenceResult:
+    """PatchCleanser as the published code (``pc_certification.py``, ``utils/defense.py``)
+    does it: per patch shape the mask list of ``gen_mask_set`` (boolean keep-masks,
+    ``range(0, n - m + 1, s)`` plus the flush start), every two-mask prediction (i <= j) as one
+    forward pass over the whole batch with ``torch.where``, stored in a (B, M, M) numpy map and
+    made symmetric; then a Python loop over images: ``double_masking_precomputed`` (unanimous
+    diagonal; else each disagreeing mask in order wins if its whole row agrees; else the
+    majority) and ``certify_precomputed`` (every two-mask prediction equals the prediction;
+    the published one compares with the label instead). Where the published code leaves ties
+    to numpy's unstable sort, the majority goes to the smallest class index, as patchbench's
+    rule; argmax ties go to the smallest index."""
+    batch, _, height, width = images.shape
+    fill = torch.tensor(mask_value, dtype=images.dtype, device=images.device)
+    predictions, certified = [], []
+    for patch in patches:
+        mask_list = []
+        rows = _published_starts(height, patch.height, masks_per_axis)
+        cols = _published_starts(width, patch.width, masks_per_axis)
+        for x in rows[0]:
+            for y in cols[0]:
+                mask = torch.ones([1, 1, height, width], dtype=torch.bool, device=images.device)
+                mask[..., x:x + rows[1], y:y + cols[1]] = False
+                mask_list.append(mask)
+        num_mask = len(mask_list)
+        prediction_map = np.zeros([batch, num_mask, num_mask], dtype=int)
+        for i, mask in enumerate(mask_list):
+            for j in range(i, num_mask):
+                kept = torch.logical_and(mask, mask_list[j])
+                masked_output = model(torch.where(kept, images, fill))
+                prediction_map[:, i, j] = masked_output.float().argmax(dim=1).cpu().numpy()
+        shape_pred, shape_cert = [], []
+        for one in prediction_map:
+            one = one + one.T - np.diag(np.diag(one))  # symmetric, from the upper triangle
+            label = _double_masking_precomputed(one)
+            shape_pred.append(label)
+            shape_cert.append(bool(np.all(one == label)))
+        predictions.append(shape_pred)
+        certified.append(shape_cert)
+    return ReferenceResult(np.array(predictions, dtype=np.int64).T.reshape(batch, len(patches)),
+                           None, {"masking": np.array(certified, dtype=bool).T.reshape(
+                               batch, len(patches))})
+
+
+def _published_starts(n: int, patch: int, k: int) -> tuple[list[int], int]:
+    """``gen_mask_set`` along one axis: the mask starts and the mask side."""
+    stride = int(np.ceil((n - patch + 1) / k))
+    size = patch + stride - 1
+    starts = list(range(0, n - size + 1, stride))
+    if (n - size) % stride != 0:
+        starts.append(n - size)
+    return starts, size
+
+
+def _double_masking_precomputed(prediction_map: np.ndarray) -> int:
+    """The published inference on one image's symmetric (M, M) two-mask prediction map."""
+    pred_one_mask = np.diag(prediction_map)
+    pred, cnt = np.unique(pred_one_mask, return_counts=True)
+    if len(pred) == 1:  # Case I: unanimous first round
+        return int(pred[0])
+    sorted_idx = np.argsort(-cnt, kind="stable")  # most votes first, ties: smallest class
+    majority_pred = pred[sorted_idx][0]
+    disagreer_pred = pred[sorted_idx][1:]
+    tmp = np.zeros_like(pred_one_mask, dtype=bool)
+    for dis in disagreer_pred:
+        tmp = np.logical_or(tmp, pred_one_mask == dis)
+    for i in np.where(tmp)[0]:
+        dis = pred_one_mask[i]
+        if np.all(prediction_map[i] == dis):
+            return int(dis)  # Case II: a disagreer whose every second-round mask agrees
+    return int(majority_pred)  # Case III
+
+
 def reference_certify(defense: Defense, model: nn.Module, images: Tensor,
                       patches: Sequence[PatchShape]) -> ReferenceResult | None:
-    """The reference implementation for a built-in defense; None for any other."""
+    """The reference implementation: the built-in one of a vote-map defense, else the
+    defense's own ``reference_certify(model, images, patches)`` hook; None where neither."""
     if isinstance(defense, Smoothing):
         c = defense.config
         return reference_smoothing(model, images, defense.mode, c.ablation_size, c.threshold,
                                    patches)
     if isinstance(defense, BagCert):
         return reference_bagcert(model, images, patches)
-    return None
+    hook = getattr(defense, "reference_certify", None)
+    return hook(model, images, patches) if callable(hook) else None
 
 
 def agreement(defense: Defense, model: nn.Module, images: Tensor,
               patches: Sequence[PatchShape], reference: ReferenceResult) -> float:
-    """Fraction of images on which patchbench and the reference agree: same prediction, same
-    votes per class, and the same certified decision for every condition the reference has."""
+    """Fraction of images on which patchbench and the reference agree: same prediction (for
+    every patch shape where it depends on the shape), same votes per class where both have
+    them, and the same certified decision for every condition the reference has."""
     image_hw = (images.shape[-2], images.shape[-1])
-    cert = certify_votes(defense.votes(model, images),
-                         [defense.footprints(p, image_hw) for p in patches], CONDITIONS)
-    same = ((cert.prediction.cpu().numpy() == reference.prediction)
-            & (cert.counts.cpu().numpy() == reference.counts).all(axis=1))
+    if isinstance(defense, VoteMapDefense):
+        cert = certify_votes(defense.votes(model, images),
+                             [defense.footprints(p, image_hw) for p in patches], CONDITIONS)
+    else:
+        cert = defense.certify(model, images, patches, list(reference.certified))
+    shape = (len(images), len(patches))
+    mine = cert.prediction.cpu().numpy()
+    theirs = reference.prediction
+    same = (np.broadcast_to(mine if mine.ndim == 2 else mine[:, None], shape)
+            == np.broadcast_to(theirs if theirs.ndim == 2 else theirs[:, None], shape)
+            ).all(axis=1)
+    if cert.counts is not None and reference.counts is not None:
+        same &= (cert.counts.cpu().numpy() == reference.counts).all(axis=1)
     for cond, flags in reference.certified.items():
         same &= (cert.certified[cond].cpu().numpy() == flags).all(axis=1)
     return float(same.mean())
@@ -331,11 +446,16 @@ def _read_peak(device: torch.device, kind: str) -> int:
 
 def measure(defense: Defense, settings: BenchSettings, batch_size: int,
             device: torch.device, log: Callable[[str], None] = lambda _: None) -> Measurement:
-    """Time (a), (b), the core and the reference for one configuration and batch size."""
+    """Time (a), (b), the core and the reference for one configuration and batch size; for a
+    defense that lacks the bench hooks, nothing (``Measurement.unsupported`` says why)."""
     torch.manual_seed(settings.seed)
     in_shape, dtype = settings.in_shape, precision_dtype(settings.precision)
     model = defense.build_model(in_shape, settings.num_classes).eval().to(device)
     n_parameters = defense.num_parameters(model)
+    unsupported = defense.unsupported(BENCHMARK)
+    if unsupported is not None:
+        log(unsupported)
+        return Measurement(defense, batch_size, None, n_parameters, unsupported=unsupported)
     # the reference runs the model as the published code does; (a) and (b) as `run` does
     plain = at_precision(model, settings.precision)
     model = for_inference(model, settings.precision)
@@ -347,13 +467,15 @@ def measure(defense: Defense, settings: BenchSettings, batch_size: int,
     net = torch.compile(model) if settings.compile else model
     image_hw = in_shape[1:]
     patches = {n: bench_patches(image_hw, n) for n in settings.n_shapes}
-    footprints = {n: [defense.footprints(p, image_hw) for p in patches[n]] for n in patches}
+    vote_map = isinstance(defense, VoteMapDefense)
+    footprints = ({n: [defense.footprints(p, image_hw) for p in patches[n]] for n in patches}
+                  if vote_map else {})
     most = max(settings.n_shapes)
     result = Measurement(defense, batch_size, None, n_parameters)
 
     def certify(n: int) -> Callable[[], object]:
-        if not defense.certifies_from_votes:  # the escape hatch: it certifies on its own
-            return lambda: defense.certify(net, images, patches[n], CONDITIONS)
+        if not vote_map:  # it certifies on its own, for its own conditions
+            return lambda: defense.certify(net, images, patches[n], defense.conditions)
         return lambda: certify_votes(defense.votes(net, images), footprints[n], CONDITIONS)
 
     with torch.inference_mode():
@@ -365,10 +487,17 @@ def measure(defense: Defense, settings: BenchSettings, batch_size: int,
         synchronize(device)
         result.peak_memory_bytes = _read_peak(device, result.memory_kind)
         tasks: dict[str, Callable[[], object]] = {}
-        bare = forward_passes(defense, net, images)
-        if bare is not None:
-            tasks["forward"], result.forward_inputs_per_image = bare
-        votes = defense.votes(net, images) if defense.certifies_from_votes else None
+        if per_shape_forward(defense):
+            for n in settings.n_shapes:
+                bare = forward_passes(defense, net, images, patches[n])
+                if bare is not None:
+                    tasks[f"forward_{n}"], result.forward_inputs[n] = bare
+            result.forward_inputs_per_image = result.forward_inputs.get(min(settings.n_shapes))
+        else:
+            bare = forward_passes(defense, net, images)
+            if bare is not None:
+                tasks["forward"], result.forward_inputs_per_image = bare
+        votes = defense.votes(net, images) if vote_map else None
         for n in settings.n_shapes:
             tasks[f"certify_{n}"] = certify(n)
             if votes is not None:
@@ -433,7 +562,7 @@ def bench_rows(measurements: Sequence[Measurement], settings: BenchSettings,
             "in_channels": c, "height": h, "width": w, "classes": settings.num_classes,
             "batch_size": m.batch_size, "n_images": m.batch_size,
             "forward_inputs_per_image": m.forward_inputs_per_image or 0,
-            "n_parameters": m.n_parameters, "conditions": ",".join(CONDITIONS),
+            "n_parameters": m.n_parameters, "conditions": ",".join(m.defense.conditions),
             "repeats": settings.repeats, "warmup": settings.warmup,
             "precision": settings.precision, "channels_last": settings.channels_last,
             "compile": settings.compile, "device": info["device"],
@@ -441,26 +570,34 @@ def bench_rows(measurements: Sequence[Measurement], settings: BenchSettings,
             "load_average": round(load, 2), "memory_kind": m.memory_kind,
             "git_commit": info["git_commit"], "torch_version": info["torch_version"],
             "patchbench_version": info["patchbench_version"],
-            "timestamp": started.isoformat(timespec="seconds"),
+            "timestamp": started.isoformat(timespec="seconds"), "note": "",
             **{f"param_{k}": v for k, v in params.items()}}
+        if m.unsupported is not None:  # one row that says so, instead of none
+            records.append({**common, "metric": "unsupported", "statistic": "",
+                            "value": math.nan, "unit": "", "n_patch_shapes": 0, "patches": "",
+                            "note": m.unsupported})
+            continue
 
         def add(metric: str, value: float | None, unit: str, n_shapes: int = 0,
-                statistic: str = "", common: dict = common) -> None:
+                statistic: str = "", common: dict = common, m: Measurement = m) -> None:
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 return
             patches = bench_patches((h, w), n_shapes) if n_shapes else []
-            records.append({**common, "metric": metric, "statistic": statistic,
+            per_shape = ({"forward_inputs_per_image": m.forward_inputs[n_shapes]}
+                         if n_shapes in m.forward_inputs else {})
+            records.append({**common, **per_shape, "metric": metric, "statistic": statistic,
                             "value": float(value), "unit": unit, "n_patch_shapes": n_shapes,
                             "patches": ",".join(str(p) for p in patches)})
 
         for stat in STATISTICS:
             add("forward_seconds", m.time("forward", stat), "s", 0, stat)
             for n in settings.n_shapes:
+                add("forward_seconds", m.time(f"forward_{n}", stat), "s", n, stat)
                 add("certify_seconds", m.time(f"certify_{n}", stat), "s", n, stat)
                 add("core_seconds", m.time(f"core_{n}", stat), "s", n, stat)
                 add("reference_seconds", m.time(f"reference_{n}", stat), "s", n, stat)
-                add("certify_over_forward", m.ratio(f"certify_{n}", "forward", stat), "ratio",
-                    n, stat)
+                add("certify_over_forward", m.ratio(f"certify_{n}", m.forward_task(n), stat),
+                    "ratio", n, stat)
                 add("over_one_shape", m.ratio(f"certify_{n}", f"certify_{one}", stat),
                     "ratio", n, stat)
                 add("speedup_over_reference", m.ratio(f"reference_{n}", f"certify_{n}", stat),
@@ -528,7 +665,8 @@ def bench_table(measurements: Sequence[Measurement], settings: BenchSettings,
                f"{', channels-last' if settings.channels_last else ''}"
                f"{', compiled' if settings.compile else ''}; median of {settings.repeats}"),
         caption="median seconds per batch (wall clock); ratios: of the medians (of the "
-                "fastest runs)")
+                f"fastest runs); (a) as 'x / y': for {one} / {most} shapes, where the forward "
+                "passes depend on the shapes")
 
     def ratio(m: Measurement, num: str, den: str) -> str:
         median = m.ratio(num, den)
@@ -538,11 +676,18 @@ def bench_table(measurements: Sequence[Measurement], settings: BenchSettings,
         return "-" if math.isnan(m.time(task)) else f"{m.time(task):.3f}"
 
     for m in measurements:
+        if m.unsupported is not None:
+            table.add_row(label(m.defense), str(m.batch_size), m.unsupported)
+            continue
         agree = "-" if m.reference_agreement is None else f"{m.reference_agreement:.0%}"
+        forward = seconds(m, "forward")
+        if m.forward_task(one) != "forward":  # (a) for each number of shapes
+            forward = f"{seconds(m, m.forward_task(one))} / {seconds(m, m.forward_task(most))}"
         table.add_row(
-            label(m.defense), str(m.batch_size), seconds(m, "forward"),
+            label(m.defense), str(m.batch_size), forward,
             seconds(m, f"certify_{one}"), seconds(m, f"certify_{most}"),
-            ratio(m, f"certify_{one}", "forward"), ratio(m, f"certify_{most}", "forward"),
+            ratio(m, f"certify_{one}", m.forward_task(one)),
+            ratio(m, f"certify_{most}", m.forward_task(most)),
             ratio(m, f"certify_{most}", f"certify_{one}"), seconds(m, f"reference_{most}"),
             ratio(m, f"reference_{most}", f"certify_{most}"),
             f"{m.peak_memory_bytes / 2**30:.2f} GiB", agree)

@@ -389,16 +389,16 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
     try:
         result = attack_split(loaded.defense, loaded.model, data, patches, budget, batch_size,
                               device)
-    except AttackUnsupportedError as err:
-        raise click.UsageError(str(err)) from None
+    except AttackUnsupportedError as err:  # "attack not supported by <defense>: it lacks ..."
+        raise click.ClickException(str(err)) from None
     summary = summarize_attack(result, patches)
     path = write_attack_cell(results_dir, cell, loaded, data, result, summary, device)
-    table = Table("patch", "clean", "certified (tight)", "certified (global)", "empirical",
-                  "violations", title=f"{defense_name}: {len(data)} images attacked in "
-                                      f"{result.attack_seconds:.1f} s")
+    table = Table("patch", "clean", *(f"certified ({c})" for c in result.conditions),
+                  "empirical", "violations", title=f"{defense_name}: {len(data)} images "
+                                                   f"attacked in {result.attack_seconds:.1f} s")
     for row in summary.to_dict("records"):
         table.add_row(row["patch"], *(f"{row[k]:.1%}" for k in (
-            "clean_accuracy", "certified_accuracy_tight", "certified_accuracy_global",
+            "clean_accuracy", *(f"certified_accuracy_{c}" for c in result.conditions),
             "empirical_accuracy")), str(row["n_violations"]))
     Console().print(table)
     click.echo(f"results: {path}", err=True)

@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from patchbench.atomic import atomic_path
-from patchbench.certify import CONDITIONS
-from patchbench.gallery import Example
+from patchbench.gallery import Example, Explanation
+from patchbench.tables import condition_columns, ordered
 
 CERTIFIED = "certified (%)"  # the long frame's value column
 
@@ -39,8 +39,7 @@ def patch_size_curves(long: pd.DataFrame, path: Path) -> None:
     with sns.axes_style("whitegrid"):
         ax = fig.subplots()
         sns.lineplot(data=squares, x="patch_h", y=CERTIFIED, hue="config", style="condition",
-                     style_order=[c for c in CONDITIONS if c in set(squares["condition"])],
-                     markers=True, ax=ax)
+                     style_order=ordered(set(squares["condition"])), markers=True, ax=ax)
     ax.set(xlabel="square patch side (pixels)", ylabel="certified accuracy (%)",
            ylim=(0, 100), title="Certified accuracy vs patch size")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -48,10 +47,12 @@ def patch_size_curves(long: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
-def shape_heatmaps(long: pd.DataFrame, path: Path, condition: str) -> None:
-    """One height x width heatmap of certified accuracy per configuration."""
-    rows = long[long["condition"] == condition]
+def shape_heatmaps(long: pd.DataFrame, path: Path, primary: dict[str, str]) -> None:
+    """One height x width heatmap of certified accuracy per configuration, under its defense's
+    primary condition (``primary``: defense -> condition)."""
+    rows = long[long["condition"] == long["defense"].map(primary)]
     configs = list(dict.fromkeys(rows["config"]))
+    shown = list(dict.fromkeys(rows["condition"]))
     n_cols = min(3, len(configs))
     n_rows = math.ceil(len(configs) / n_cols)
     fig = new_figure(4.2 * n_cols, 3.6 * n_rows)
@@ -62,10 +63,12 @@ def shape_heatmaps(long: pd.DataFrame, path: Path, condition: str) -> None:
         sns.heatmap(grid, ax=ax, vmin=0, vmax=100, cmap="viridis", annot=True, fmt=".0f",
                     cbar=False, annot_kws={"fontsize": 8})
         ax.invert_yaxis()
-        ax.set(xlabel="patch width", ylabel="patch height", title=config)
+        cond = rows.loc[rows["config"] == config, "condition"].iloc[0]
+        ax.set(xlabel="patch width", ylabel="patch height",
+               title=config if len(shown) == 1 else f"{config} ({cond})")
     for ax in list(axes)[len(configs):]:
         ax.set_visible(False)
-    fig.suptitle(f"Certified accuracy (%) by patch shape ({condition})", fontsize=10)
+    fig.suptitle(f"Certified accuracy (%) by patch shape ({', '.join(shown)})", fontsize=10)
     save(fig, path)
 
 
@@ -87,15 +90,23 @@ ATTACK_MEASURES = {"clean (%)": "clean", "empirical (%)": "under attack",
                    "tight (%)": "certified (tight)", "global (%)": "certified (global)"}
 ATTACK_COLORS = dict(zip(ATTACK_MEASURES.values(), ("#9e9e9e", "#e6842a", "#1f5fa8", "#7fb0e0"),
                          strict=True))
+OTHER_COLORS = ("#2a9d4b", "#8fd19e", "#7b3fa0", "#c9a0dc")  # conditions known from results
 
 
 def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
     """Per configuration, per patch shape: clean, attacked and certified accuracy as bars, on
     the attacked images; a configuration with soundness violations is titled in red."""
+    measures = {**ATTACK_MEASURES, **{
+        c: f"certified ({c.removesuffix(' (%)')})"
+        for c in condition_columns(attacks, ("clean (%)", "empirical (%)"))
+        if c not in ATTACK_MEASURES}}
+    colors = {**ATTACK_COLORS, **dict(zip([m for m in measures.values()
+                                           if m not in ATTACK_COLORS],
+                                          OTHER_COLORS * 4, strict=False))}
     long = attacks.melt(id_vars=["config", "patch", "violations"],
-                        value_vars=[c for c in ATTACK_MEASURES if c in attacks],
+                        value_vars=[c for c in measures if c in attacks],
                         var_name="measure", value_name="accuracy (%)")
-    long["measure"] = long["measure"].map(ATTACK_MEASURES)
+    long["measure"] = long["measure"].map(measures)
     configs = list(dict.fromkeys(attacks["config"]))
     n_cols = min(3, len(configs))
     n_rows = math.ceil(len(configs) / n_cols)
@@ -106,9 +117,8 @@ def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
         mine = long[long["config"] == config].dropna(subset=["accuracy (%)"])
         if not mine.empty:
             sns.barplot(data=mine, x="patch", y="accuracy (%)", hue="measure",
-                        hue_order=[m for m in ATTACK_MEASURES.values()
-                                   if m in set(mine["measure"])],
-                        palette=ATTACK_COLORS, ax=ax)
+                        hue_order=[m for m in measures.values() if m in set(mine["measure"])],
+                        palette=colors, ax=ax)
         broken = int(attacks.loc[attacks["config"] == config, "violations"].fillna(0).sum())
         ax.set(ylim=(0, 100), xlabel="patch", ylabel="accuracy (%)",
                title=config + (f": {broken} VIOLATION(S)" if broken else ""))
@@ -123,9 +133,14 @@ def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
-def gallery_figure(examples: list[Example], classes: list[str], title: str, path: Path) -> None:
+def gallery_figure(examples: list[Example] | list[Explanation], classes: list[str], title: str,
+                   path: Path) -> None:
     """Per image: the image with the worst patch, then the votes of the prediction and of the
-    rival class with that patch's footprint outlined."""
+    rival class with that patch's footprint outlined (vote maps); or what ``masking_figure``
+    draws for the ``Explanation``s of another family."""
+    if examples and isinstance(examples[0], Explanation):
+        masking_figure(examples, classes, title, path)
+        return
     fig = new_figure(9.5, 3.1 * len(examples))
     axes = fig.subplots(len(examples), 3, squeeze=False)
     for ex, (ax_image, ax_own, ax_rival) in zip(examples, axes, strict=True):
@@ -150,6 +165,56 @@ def gallery_figure(examples: list[Example], classes: list[str], title: str, path
             ax.set_yticks([])
     fig.suptitle(title, fontsize=10)
     save(fig, path)
+
+
+def masking_figure(examples: list[Explanation], classes: list[str], title: str,
+                   path: Path) -> None:
+    """Per image: the image; the image under the two masks of the first two-mask prediction
+    that differs from the defended one (outlined; none where certified); the one-mask labels
+    laid out as the mask grid (red: differs from the prediction)."""
+    fig = new_figure(9.5, 3.1 * len(examples))
+    axes = fig.subplots(len(examples), 3, squeeze=False)
+    for ex, (ax_image, ax_masked, ax_grid) in zip(examples, axes, strict=True):
+        verdict = "certified" if ex.certified else "not certified"
+        ax_image.imshow(as_picture(ex.image), cmap="gray", vmin=0, vmax=1,
+                        interpolation="nearest")
+        ax_image.set_title(f"#{ex.index}: {classes[ex.label]} -> {classes[ex.prediction]}\n"
+                           f"{ex.patch} {verdict}", fontsize=8)
+        masked = ex.image.copy()
+        for mask in ex.masks:
+            masked[:, mask] = ex.mask_value
+        ax_masked.imshow(as_picture(masked), cmap="gray", vmin=0, vmax=1,
+                         interpolation="nearest")
+        for mask, color in zip(ex.masks, ("red", "orange"), strict=False):
+            rows, cols = np.nonzero(mask)
+            ax_masked.add_patch(Rectangle((cols.min() - 0.5, rows.min() - 0.5),
+                                          cols.max() - cols.min() + 1,
+                                          rows.max() - rows.min() + 1, fill=False,
+                                          edgecolor=color, linewidth=2))
+        if ex.pair is None:
+            ax_masked.set_title(f"all {ex.pairs} two-mask predictions:\n"
+                                f"{classes[ex.prediction]}", fontsize=8)
+        else:
+            label = classes[ex.mask_prediction] if ex.mask_prediction is not None else "?"
+            ax_masked.set_title(f"masks {ex.pair[0]} + {ex.pair[1]}: {label}\n"
+                                f"(first of {ex.pairs} pairs to differ)", fontsize=8)
+        grid = np.asarray(ex.one_mask)
+        differ = grid != ex.prediction
+        ax_grid.imshow(differ, cmap="Reds", vmin=0, vmax=1.5, interpolation="nearest")
+        for (r, c), value in np.ndenumerate(grid):
+            ax_grid.text(c, r, str(int(value)), ha="center", va="center", fontsize=7)
+        ax_grid.set_title(f"one-mask labels: {int(differ.sum())} of {grid.size} differ\n"
+                          f"from {int(ex.prediction)} ({classes[ex.prediction]})", fontsize=8)
+        for ax in (ax_image, ax_masked, ax_grid):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    save(fig, path)
+
+
+def as_picture(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> what imshow draws: (H, W) grey or (H, W, C) colour."""
+    return image[0] if image.shape[0] == 1 else np.transpose(image, (1, 2, 0))
 
 
 def outline(ax: Axes, footprint: tuple[tuple[int, int], tuple[int, int]],

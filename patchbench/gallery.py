@@ -5,10 +5,16 @@ For one image and one patch shape the tight margin of every footprint ``R`` is
 with the smallest margin is where a patch does the most harm. It is computed exactly from the
 defense's own votes and footprints, so the gallery needs the checkpoint and the images; the
 patch position drawn on the image is one whose footprint is that ``R``.
+
+A defense of another family draws its gallery through its ``explain(model, image, patch)``
+hook, which returns an ``Explanation`` (masking: the one-mask labels and the first two-mask
+prediction that differs from the defended one); one without that hook gets a line "gallery
+not supported by <defense>: it lacks explain" (``GalleryUnsupported``), never a silent drop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +25,22 @@ import torch
 from patchbench.cache import SHIPPED, cache_dir
 from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from patchbench.data import DatasetFormatError, DatasetNotFoundError, ImageData, load_dataset
-from patchbench.defense import Defense
+from patchbench.defense import Defense, VoteMapDefense, get_defense
 from patchbench.footprints import Footprints, Interval
 from patchbench.patches import PatchShape, parse_patch
+from patchbench.per_image import certified as certified_flags
+from patchbench.per_image import conditions as conditions_in
+from patchbench.per_image import correct as correct_flags
+from patchbench.per_image import prediction as prediction_of
+from patchbench.tables import ordered, parse_params
 
 
 class GalleryUnavailable(Exception):
     """The gallery of one configuration cannot be drawn; the message says why (one line)."""
+
+
+class GalleryUnsupported(GalleryUnavailable):
+    """The defense has no gallery ("gallery not supported by <defense>: it lacks ...")."""
 
 
 @dataclass
@@ -44,6 +59,35 @@ class Example:
     footprint: tuple[Interval, Interval]  # (rows, cols) of cells
     position: tuple[int, int] | None  # top-left pixel of a patch with that footprint
     votes_match: bool  # recomputed vote counts equal the stored ones
+
+
+@dataclass
+class Explanation:
+    """Why one image is (not) certified, as a defense of the masking family tells it
+    (``explain(model, image, patch)``); the gallery fills in the fields after ``mask_value``
+    from the per-image table."""
+
+    image: np.ndarray  # (C, H, W) in [0, 1]
+    patch: PatchShape
+    prediction: int  # the defended prediction, recomputed
+    certified: bool  # recomputed
+    one_mask: np.ndarray  # label under each one mask, laid out as the (rows, cols) mask grid
+    pair: tuple[int, int] | None  # (i, j), i <= j: the first two-mask prediction, in mask
+    #                               order, that differs from ``prediction``; None: certified
+    masks: tuple[np.ndarray, ...]  # the (H, W) bool masks of ``pair``; () where certified
+    mask_prediction: int | None  # the label under those two masks
+    pairs: int  # two-mask predictions checked (i <= j)
+    mask_value: float  # what masked pixels are set to
+    index: int = -1
+    label: int = -1
+    stored_prediction: int | None = None
+    stored_certified: bool | None = None
+
+    @property
+    def matches(self) -> bool:
+        """The recomputed prediction and certificate equal the stored ones."""
+        return (self.stored_prediction in (None, self.prediction)
+                and self.stored_certified in (None, self.certified))
 
 
 def find_checkpoint_by_hash(sha256: str, dataset: str, defense: str) -> Path | None:
@@ -140,30 +184,73 @@ def gallery_patch(patches: list[str]) -> PatchShape:
 
 
 def pick_images(per_image: pd.DataFrame, patch: PatchShape, n: int) -> list[int]:
-    """Row positions of ``n`` images nearest the certification boundary, correct ones first."""
+    """Row positions of ``n`` images nearest the certification boundary, correct ones first;
+    without margins (masking), correct ones first, uncertified and certified in turn."""
     column = next((c for c in (f"margin_tight_{patch}", f"margin_global_{patch}")
                    if c in per_image), None)
-    closeness = per_image[column].abs() if column else pd.Series(0, index=per_image.index)
-    order = pd.DataFrame({"wrong": per_image["prediction"] != per_image["label"],
-                          "closeness": closeness, "pos": np.arange(len(per_image))})
+    wrong = ~correct_flags(per_image, patch)
+    if column:
+        closeness = per_image[column].abs()
+    else:
+        held = ordered(conditions_in(per_image, patch))
+        flags = (certified_flags(per_image, held[0], patch) if held
+                 else pd.Series(False, index=per_image.index))
+        turn = flags.groupby([wrong, flags]).cumcount()
+        closeness = 2 * turn + flags.astype(int)  # uncertified, certified, uncertified, ...
+    order = pd.DataFrame({"wrong": wrong, "closeness": closeness,
+                          "pos": np.arange(len(per_image))})
     return order.sort_values(["wrong", "closeness", "pos"])["pos"].head(n).tolist()
+
+
+def gallery_support(cell: pd.Series) -> str | None:
+    """"gallery not supported by <defense>: it lacks explain" where the configuration's
+    defense has no gallery; None where it has one, or where its class cannot be built (the
+    checkpoint then says what is wrong)."""
+    defense = row_defense(cell)
+    return None if defense is None else unsupported(defense)
+
+
+def row_defense(cell: pd.Series) -> Defense | None:
+    """The defense as a results row was certified with (its certification-time parameters,
+    e.g. PatchCleanser's masks per axis, may differ from the checkpoint's); None where its
+    class cannot be built."""
+    try:
+        return get_defense(str(cell["defense"])).from_params(parse_params(cell.get("params")))
+    except Exception:  # a plugin that is gone or broken: reported by the checkpoint's loading
+        return None
+
+
+def unsupported(defense: Defense) -> str | None:
+    return None if isinstance(defense, VoteMapDefense) else defense.unsupported("gallery")
 
 
 def gallery_examples(results_dir: Path, cell: pd.Series, patches: list[str], n: int,
                      datasets: dict[tuple[str, str], ImageData]
                      ) -> tuple[Checkpoint, list[Example]]:
-    """The checkpoint of a results row (``cell``) and ``n`` gallery examples for it.
+    """The checkpoint of a results row (``cell``) and ``n`` gallery examples for it: vote-map
+    ``Example``s, or the ``Explanation``s of the defense's ``explain`` hook.
 
-    ``datasets`` caches loaded splits between configurations.
+    ``datasets`` caches loaded splits between configurations. GalleryUnsupported where the
+    defense has no gallery, GalleryUnavailable where its inputs are missing.
     """
+    problem = gallery_support(cell)
+    if problem:
+        raise GalleryUnsupported(problem)
     checkpoint, per_image, data = gallery_inputs(results_dir, cell, datasets)
     patch = gallery_patch(patches)
+    if prediction_column(per_image, patch) is None:
+        raise GalleryUnavailable(f"its per-image table has no prediction for {patch}")
     rows = per_image.iloc[pick_images(per_image, patch, n)]
     try:
         images = torch.stack([data.dataset[int(i)][0] for i in rows["index"]])
     except IndexError:
         raise GalleryUnavailable(f"its per-image table names images beyond the {len(data)} "
                                  f"of {data.name} {data.split}") from None
+    if not isinstance(checkpoint.defense, VoteMapDefense):
+        defense = row_defense(cell)
+        return checkpoint, explanations(defense if type(defense) is type(checkpoint.defense)
+                                        else checkpoint.defense, checkpoint.model, rows,
+                                        images, patch)
     with torch.no_grad():
         votes = checkpoint.defense.votes(checkpoint.model, images).cpu().numpy().astype(bool)
     image_hw = (images.shape[-2], images.shape[-1])
@@ -182,6 +269,26 @@ def gallery_examples(results_dir: Path, cell: pd.Series, patches: list[str], n: 
             position=patch_position(checkpoint.defense, patch, image_hw, footprint),
             votes_match=stored == votes[k].sum(axis=(1, 2)).tolist()))
     return checkpoint, examples
+
+
+def prediction_column(per_image: pd.DataFrame, patch: PatchShape) -> str | None:
+    """The per-image column of the defended prediction for ``patch``, if any."""
+    return next((c for c in (f"prediction_{patch}", "prediction") if c in per_image), None)
+
+
+def explanations(defense: Defense, model: torch.nn.Module, rows: pd.DataFrame,
+                 images: torch.Tensor, patch: PatchShape) -> list[Explanation]:
+    """The defense's ``explain`` of each image, with the label and the stored outcome."""
+    held = ordered(conditions_in(rows, patch))
+    stored = certified_flags(rows, held[0], patch).tolist() if held else [None] * len(rows)
+    out = []
+    for k, (index, label, prediction) in enumerate(zip(
+            rows["index"], rows["label"], prediction_of(rows, patch), strict=True)):
+        ex = defense.explain(model, images[k], patch)
+        out.append(dataclasses.replace(
+            ex, index=int(index), label=int(label), stored_prediction=int(prediction),
+            stored_certified=None if stored[k] is None else bool(stored[k])))
+    return out
 
 
 def gallery_inputs(results_dir: Path, cell: pd.Series, datasets: dict[tuple[str, str], ImageData]
@@ -205,9 +312,10 @@ def gallery_inputs(results_dir: Path, cell: pd.Series, datasets: dict[tuple[str,
     except (CheckpointError, DatasetNotFoundError, DatasetFormatError, OSError, EOFError,
             KeyError, ValueError) as err:
         raise GalleryUnavailable(str(err).strip("'").splitlines()[0]) from None
-    if not checkpoint.defense.certifies_from_votes:
-        raise GalleryUnavailable("its certificate is not a vote map")
-    missing = {"index", "label", "prediction"} - set(per_image.columns)
+    problem = unsupported(checkpoint.defense)
+    if problem:
+        raise GalleryUnsupported(problem)
+    missing = {"index", "label"} - set(per_image.columns)
     if missing or per_image.empty:
         raise GalleryUnavailable(f"its per-image table lacks {', '.join(sorted(missing))}"
                                  if missing else "its per-image table is empty")

@@ -32,7 +32,13 @@ from patchbench.atomic import atomic_path
 from patchbench.cache import LEGACY_RECIPE_FIELDS
 from patchbench.claims import talk_sentence, talk_table
 from patchbench.data import ImageData
-from patchbench.gallery import Example, GalleryUnavailable, gallery_examples
+from patchbench.gallery import (
+    Example,
+    Explanation,
+    GalleryUnavailable,
+    GalleryUnsupported,
+    gallery_examples,
+)
 from patchbench.results import (
     CERTIFIED,
     EMPIRICAL,
@@ -43,19 +49,20 @@ from patchbench.results import (
     per_image_path,
 )
 from patchbench.tables import (
+    OWN_PREFIX,
     TIME,
     Table,
     accuracy_table,
     attack_sentences,
     attack_table,
     column,
-    conditions_of,
     configs_table,
     configurations,
     findings,
     gain_table,
     headline_table,
     parse_params,
+    primary_of_rows,
     rf_sweep_table,
     text_column,
 )
@@ -128,7 +135,8 @@ def check_rows(rows: pd.DataFrame, source: Path) -> pd.DataFrame:
         raise ResultsError(f"attack rows in {source} lack column {EMPIRICAL_VALUES[0]}")
     if good[list(IDENTITY)].isna().any(axis=None):
         raise ResultsError(f"results in {source} hold rows without a defense, dataset or patch")
-    for name in (*NUMBERS, *CERTIFIED_NUMBERS, *OPTIONAL_NUMBERS):
+    own = [c for c in good if c.startswith(OWN_PREFIX) and c not in OPTIONAL_NUMBERS]
+    for name in (*NUMBERS, *CERTIFIED_NUMBERS, *OPTIONAL_NUMBERS, *own):
         if name in good:
             try:
                 good[name] = pd.to_numeric(good[name])
@@ -292,7 +300,8 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
                   "Each claim of the talk that started the project, the same quantity measured "
                   "here, and a verdict by the rule in the last column.", "",
                   *table_lines(talk, tables)]
-    lines += ["## Configurations", "", *table_lines(configs_table(configs), tables)]
+    lines += ["## Configurations", "",
+              *table_lines(configs_table(configs, per_shape_clean(certified)), tables)]
     if len(certified):
         lines += certified_lines(certified, configs, accuracy, gains, params, tables,
                                  figures_dir, figures)
@@ -365,7 +374,8 @@ def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Ta
     """The sections of the certification rows: accuracy, shapes, sweep, gains, time."""
     sweep = rf_sweep_table(certified, configs, params)
     long = certified.assign(**{figures.CERTIFIED: 100 * certified["certified_accuracy"]})
-    condition = conditions_of(certified)[0]
+    primary = primary_of_rows(certified)  # the heatmaps show each defense's primary condition
+    condition = ", ".join(dict.fromkeys(primary[d] for d in certified["defense"]))
     lines = ["## Certified accuracy", "", *table_lines(accuracy, tables)]
     if (long["patch_h"] == long["patch_w"]).any():
         figures.patch_size_curves(long, figures_dir / "certified_vs_patch_size.png")
@@ -373,7 +383,7 @@ def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Ta
                               "certified_vs_patch_size.png")
     else:
         lines += ["_No square patch shape was certified: no patch-size curve._", ""]
-    figures.shape_heatmaps(long, figures_dir / "patch_shapes.png", condition)
+    figures.shape_heatmaps(long, figures_dir / "patch_shapes.png", primary)
     lines += ["## Patch shapes", "",
               f"Certified accuracy ({condition}) by patch height and width: a defense robust "
               "to the aspect ratio has similar values for `h x w` and `w x h`.", "",
@@ -399,7 +409,32 @@ def all_configurations(certified: pd.DataFrame, empirical: pd.DataFrame) -> pd.D
     """One row per configuration, from its certification rows, else its attack rows."""
     only_attacked = empirical[~empirical["config_key"].isin(certified["config_key"])]
     rows = pd.concat([certified, only_attacked]) if len(certified) else only_attacked
-    return configurations(newest(rows, ["config_key"]).sort_values("rank", kind="stable"))
+    representative = newest(rows, ["config_key"]).sort_values("rank", kind="stable")
+    return configurations(representative.assign(
+        clean_accuracy=[clean_of(row, certified) for row in representative.to_dict("records")]))
+
+
+def clean_of(row: dict, certified: pd.DataFrame) -> float:
+    """A configuration's clean accuracy: its representative row's, the same for every patch
+    shape of a vote map; where the prediction depends on the shape (masking), the one at 5x5
+    (the headline shape), NaN without one (every shape's is in the accuracy table)."""
+    if not len(certified):
+        return row["clean_accuracy"]
+    run = certified[(certified["config_key"] == row["config_key"])
+                    & (certified["cell_key"] == row["cell_key"])]
+    if run["clean_accuracy"].nunique() <= 1:
+        return row["clean_accuracy"]
+    at = run.loc[run["patch"] == "5x5", "clean_accuracy"]
+    return float(at.iloc[0]) if len(at) else float("nan")
+
+
+def per_shape_clean(certified: pd.DataFrame) -> list[str]:
+    """The configurations whose clean accuracy depends on the patch shape."""
+    if not len(certified):
+        return []
+    spread = certified.groupby(["config_key", "cell_key"], sort=False)["clean_accuracy"].nunique()
+    keys = set(spread[spread > 1].index.get_level_values(0))
+    return list(dict.fromkeys(certified.loc[certified["config_key"].isin(keys), "config"]))
 
 
 def per_image_reader(results_dir: Path) -> Callable[[str], pd.DataFrame | None]:
@@ -431,12 +466,18 @@ def gallery_lines(results_dir: Path, certified: pd.DataFrame, configs: pd.DataFr
         return lines + ["_Gallery turned off (`--gallery-images 0`)._", ""]
     representative = newest(certified, ["config_key"]).set_index("config_key")
     datasets: dict[tuple[str, str], ImageData] = {}
-    records, notes = [], []
+    records, masking, notes = [], [], []
     for number, (key, name) in enumerate(zip(configs["key"], configs["config"], strict=True)):
+        if key not in representative.index:
+            notes.append(f"- {name}: no gallery, it has no certification rows.")
+            continue
         patches = list(dict.fromkeys(certified.loc[certified["config_key"] == key, "patch"]))
         try:
             checkpoint, examples = gallery_examples(results_dir, representative.loc[key],
                                                     patches, n, datasets)
+        except GalleryUnsupported as err:  # "gallery not supported by <defense>: ..."
+            notes.append(f"- {name}: {err}.")
+            continue
         except GalleryUnavailable as err:
             notes.append(f"- {name}: no gallery, {err}.")
             continue
@@ -444,6 +485,13 @@ def gallery_lines(results_dir: Path, certified: pd.DataFrame, configs: pd.DataFr
         path = figures_dir / f"gallery_{number + 1}_{slug(name)}.png"
         draw(examples, classes, f"{name}: patch {examples[0].patch}", path)
         lines += figure_lines(f"Gallery of {name}", path.name)
+        if all(isinstance(ex, Explanation) for ex in examples):
+            masking += [explanation_record(name, ex, classes) for ex in examples]
+            if not all(ex.matches for ex in examples):
+                notes.append(f"- {name}: the recomputed prediction or certificate differs "
+                             "from the stored one for some images (another device or "
+                             "checkpoint?).")
+            continue
         records += [gallery_record(name, ex, classes) for ex in examples]
         if not all(ex.votes_match for ex in examples):
             notes.append(f"- {name}: recomputed votes differ from the stored ones for some "
@@ -452,6 +500,14 @@ def gallery_lines(results_dir: Path, certified: pd.DataFrame, configs: pd.DataFr
         lines += table_lines(Table("gallery", "Gallery images", pd.DataFrame(records),
                                    "margin: exact tight margin of the worst footprint; stored "
                                    "margin: the run's, a lower bound when >= 0."), tables)
+    if masking:
+        lines += table_lines(Table(
+            "gallery_masking", "Gallery images (masking)", pd.DataFrame(masking),
+            "Masking galleries: left, the image; middle, the image under the two masks of the "
+            "first two-mask prediction (in mask order) that differs from the defended one, "
+            "none where it is certified; right, the label under each single mask, laid out as "
+            "the mask grid (red: differs from the prediction). Certified iff every two-mask "
+            "prediction equals the prediction."), tables)
     return lines + notes + ([""] if notes else [])
 
 
@@ -463,6 +519,16 @@ def gallery_record(name: str, ex: Example, classes: list[str]) -> dict:
             "footprint rows": f"{r0}+{rn}", "footprint cols": f"{c0}+{cn}",
             "patch at": "-" if ex.position is None else f"{ex.position[0]},{ex.position[1]}",
             "votes match": ex.votes_match}
+
+
+def explanation_record(name: str, ex: Explanation, classes: list[str]) -> dict:
+    return {"config": name, "image": ex.index, "label": classes[ex.label],
+            "prediction": classes[ex.prediction], "patch": str(ex.patch),
+            "certified": ex.certified, "stored certified": ex.stored_certified,
+            "masks": "-" if ex.pair is None else f"{ex.pair[0]}+{ex.pair[1]}",
+            "mask prediction": ("-" if ex.mask_prediction is None
+                                else classes[ex.mask_prediction]),
+            "pairs": ex.pairs, "matches": ex.matches}
 
 
 def table_lines(table: Table, folder: Path) -> list[str]:

@@ -115,8 +115,9 @@ cases({"run": COMMANDS["run"], "attack": COMMANDS["attack"]}, {
 cases({"run": COMMANDS["run"]}, {
     "unknown condition": (("--condition", "tight,loose"), 2,
                           "Invalid value for '--condition': unknown condition(s) ['loose']; "
-                          "choose from tight, global"),
-    "empty condition": (("--condition", ","), 2, "unknown condition(s)"),
+                          "choose from global, tight"),
+    "empty condition": (("--condition", ","), 2,
+                        "Invalid value for '--condition': no condition in ','"),
     "unknown backend": (("--backend", "dask"), 2,
                         "Invalid value for '--backend': 'dask' is not one of 'local', 'ray'"),
 })

@@ -22,10 +22,12 @@ from patchbench.bench import (
     agreement,
     bench_patches,
     reference_certify,
+    run_bench,
 )
 from patchbench.certify import certify_votes
 from patchbench.cli import cli
 from patchbench.defense import get_defense
+from patchbench.defenses.patchcleanser import PatchCleanser, double_masking, majority
 from patchbench.patches import PatchShape
 
 TINY = ["--batch-size", "2", "--repeats", "1", "--warmup", "0", "--n-shapes", "1,2",
@@ -73,6 +75,46 @@ def test_bench_writes_documented_rows_with_positive_ratios(tmp_path: Path) -> No
         assert 10 * 2**20 < memory < 8 * 2**30
         assert mine[mine["metric"] == "reference_agreement"]["value"].item() == 1.0
     assert (rows[rows["defense"] == "bagcert"]["param_rf"] == 5).all()
+
+
+def test_bench_runs_patchcleanser(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = invoke("bench", "--defense", "patchcleanser", "--masks-per-axis", "3", *TINY,
+                    "--results-dir", str(out))
+    assert result.exit_code == 0, result.output
+    assert "patchcleanser" in result.stdout
+    rows = read_rows(out)
+    assert set(BENCH_COLUMNS) <= set(rows.columns)
+    assert (rows["defense"] == "patchcleanser").all() and (rows["conditions"] == "masking").all()
+    assert {"forward_seconds", "certify_seconds", "reference_seconds", "peak_memory_bytes",
+            "reference_agreement", "images_per_second", *RATIOS} == set(rows["metric"])
+    # (a) per number of shapes: 9 masks, 45 two-mask images (i <= j) per image and shape
+    forward = rows[rows["metric"] == "forward_seconds"]
+    assert set(forward["n_patch_shapes"]) == {1, 2} and (forward["value"] > 0).all()
+    for n in (1, 2):
+        assert (rows[rows["n_patch_shapes"] == n]["forward_inputs_per_image"] == 45 * n).all()
+    ratios = rows[rows["metric"].isin(RATIOS)]["value"]
+    assert len(ratios) == 2 * 2 * len(RATIOS)
+    assert all(math.isfinite(v) and v > 0 for v in ratios)
+    assert rows[rows["metric"] == "reference_agreement"]["value"].item() == 1.0
+    assert (rows["param_masks_per_axis"] == 3).all()
+
+
+class NoBench(PatchCleanser):
+    name = "no-bench"
+    reference_certify = None  # type: ignore[assignment]
+
+
+def test_a_defense_without_bench_hooks_gets_a_row_that_says_so() -> None:
+    settings = BenchSettings(batch_sizes=(2,), n_shapes=(1,), repeats=1, warmup=0)
+    logged: list[str] = []
+    measurements, rows = run_bench([NoBench(width=4)], settings, torch.device("cpu"),
+                                   log=logged.append)
+    message = "bench not supported by no-bench: it lacks reference_certify"
+    assert measurements[0].unsupported == message and not measurements[0].seconds
+    assert message in logged
+    assert list(rows["metric"]) == ["unsupported"] and list(rows["note"]) == [message]
+    assert set(BENCH_COLUMNS) <= set(rows.columns)
 
 
 def test_precision_is_recorded_on_every_row(tmp_path: Path) -> None:
@@ -137,6 +179,53 @@ def test_reference_decides_like_patchbench(name: str, params: dict) -> None:
         assert np.array_equal(flags, cert.certified[cond].numpy()), cond
     decided = np.concatenate([f.ravel() for f in reference.certified.values()])
     assert decided.any() or name != "bagcert"  # some certified: the check is not vacuous
+
+
+@pytest.mark.parametrize("base", ["linear", "small-cnn"])
+def test_patchcleanser_reference_decides_like_certify(base: str) -> None:
+    torch.manual_seed(1)
+    in_shape, classes = (1, 12, 14), 4
+    defense = PatchCleanser(masks_per_axis=3, width=4)
+    if base == "linear":  # sees where the masks are: first rounds split, some images not
+        model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), classes)).eval()
+        with torch.no_grad():
+            model[1].weight.mul_(6)
+            model[1].bias.zero_()
+            model[1].bias[0] += 0.5
+    else:  # the defense's own base classifier, untrained
+        model = defense.build_model(in_shape, classes).eval()
+    images = torch.rand(16, *in_shape, generator=torch.Generator().manual_seed(1))
+    patches = [PatchShape(3, 3), PatchShape(2, 5)]
+    with torch.inference_mode():
+        reference = reference_certify(defense, model, images, patches)
+        assert reference is not None
+        cert = defense.certify(model, images, patches, defense.conditions)
+        assert agreement(defense, model, images, patches, reference) == 1.0
+        outcomes = [double_masking(model, images, defense.masks(p, in_shape[1:]), 0.5, classes)
+                    for p in patches]
+    assert reference.counts is None and set(reference.certified) == {"masking"}
+    assert reference.prediction.shape == reference.certified["masking"].shape == (16, 2)
+    assert np.array_equal(reference.prediction, cert.prediction.numpy())
+    assert np.array_equal(reference.certified["masking"], cert.certified["masking"].numpy())
+    if base == "linear":  # not vacuous: certified and not, and the second round decides some
+        flags = reference.certified["masking"]
+        assert flags.any() and not flags.all()
+        assert any((o.prediction != majority(o.one_mask, classes)).any() for o in outcomes)
+
+
+def test_patchcleanser_forward_passes_count_every_two_mask_image() -> None:
+    defense = PatchCleanser(masks_per_axis=3, width=4)
+    model = defense.build_model((1, 12, 14), 4).eval()
+    calls: list[int] = []
+    model.register_forward_hook(lambda _m, args, _out: calls.append(len(args[0])))
+    images = torch.rand(3, 1, 12, 14)
+    patches = [PatchShape(3, 3), PatchShape(2, 5), PatchShape(3, 3)]  # two mask sets
+    with torch.inference_mode():
+        run, per_image = defense.forward_passes(model, images, patches, max_forward=50,
+                                                max_prebuilt_bytes=0)
+        run()
+    assert per_image == 2 * 45 and sum(calls) == 3 * per_image
+    assert max(calls) == 50
 
 
 def test_bench_patches_fit_and_scale() -> None:

@@ -1,17 +1,28 @@
-"""certify_split: one vote map per image for all shapes, and the certify escape hatch."""
+"""certify_split: one vote map per image for all shapes; a defense of another family that
+certifies on its own, and its malformed certificates refused."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from patchbench.certify import Certificate, certify_votes
+from patchbench.certify import Certificate
 from patchbench.data import batches, load_dataset
-from patchbench.defense import get_defense
+from patchbench.defense import Defense, TrainStep, VoteMapDefense, get_defense
 from patchbench.defenses.bagcert import BagCert
 from patchbench.defenses.smoothing import ColumnSmoothing
-from patchbench.evaluate import certify_split, for_inference, loader_options, summarize
+from patchbench.evaluate import (
+    certify_split,
+    check_certificate,
+    for_inference,
+    loader_options,
+    summarize,
+)
 from patchbench.patches import PatchShape
 
 PATCHES = [PatchShape(2, 2), PatchShape(2, 12)]
@@ -27,15 +38,39 @@ class CountingBagCert(BagCert):
         return super().votes(model, images)
 
 
-class OwnCertificate(BagCert):
-    """Overrides certify (the escape hatch): never certifies anything."""
+class Plain(Defense):
+    """Not a vote map: a 1x1 convolution whose pooled scores are the prediction; one condition
+    of its own that certifies nothing (trivially sound), and a margin of -7 for a second."""
 
-    def certify(self, model, images, patches, conditions=("tight", "global")) -> Certificate:
-        base = certify_votes(self.votes(model, images),
-                             [self.footprints(p, images.shape[-2:]) for p in patches],
-                             conditions)
-        return Certificate(base.prediction, base.counts,
-                           {c: torch.full_like(m, -7) for c, m in base.margin.items()})
+    name = "plain"
+    conditions = ("never", "scored")
+
+    def build_model(self, in_shape, num_classes):
+        return nn.Conv2d(in_shape[0], num_classes, 1)
+
+    def loss(self, model, images, labels, step: TrainStep):
+        scores = model(images).mean(dim=(2, 3))
+        return F.cross_entropy(scores, labels), scores.argmax(1)
+
+    def certify(self, model, images, patches, conditions=conditions) -> Certificate:
+        prediction = model(images).mean(dim=(2, 3)).argmax(1)
+        per_shape = torch.stack([prediction + s for s in range(len(patches))], dim=1) % 4
+        never = torch.zeros(len(images), len(patches), dtype=torch.bool)
+        flags = {"never": never, "scored": never.clone()}
+        return Certificate(per_shape, {c: flags[c] for c in conditions},
+                           margin={"scored": torch.full(never.shape, -7)}
+                           if "scored" in conditions else {})
+
+
+class Malformed(Plain):
+    """Returns whatever certificate ``make`` builds from a well-formed one."""
+
+    def __init__(self, make: Callable[[Certificate], Certificate]) -> None:
+        super().__init__()
+        self.make = make
+
+    def certify(self, model, images, patches, conditions=Plain.conditions) -> Certificate:
+        return self.make(super().certify(model, images, patches, conditions))
 
 
 def test_one_vote_map_per_batch_for_every_shape_and_condition():
@@ -52,14 +87,70 @@ def test_one_vote_map_per_batch_for_every_shape_and_condition():
     assert (summary["certified_accuracy"] <= summary["clean_accuracy"]).all()
 
 
-def test_a_defense_that_overrides_certify_is_certified_its_own_way():
+def test_a_defense_of_another_family_is_certified_its_own_way():
     data = load_dataset("synthetic", "test").subset(8)
-    defense = OwnCertificate(rf=5, width=4)
-    assert not defense.certifies_from_votes and BagCert().certifies_from_votes
+    defense = Plain()
+    assert not isinstance(defense, VoteMapDefense)
     model = defense.build_model(data.in_shape, data.num_classes)
-    evaluation = certify_split(defense, model, data, PATCHES, ["tight"], show_progress=False)
-    assert (evaluation.per_image["margin_tight_2x2"] == -7).all()
-    assert evaluation.forward_seconds == 0
+    evaluation = certify_split(defense, model, data, PATCHES, ["never", "scored"],
+                               batch_size=5, show_progress=False)
+    table = evaluation.per_image
+    assert list(table.columns) == ["index", "label", "prediction_2x2", "prediction_2x12",
+                                   "certified_never_2x2", "certified_never_2x12",
+                                   "margin_scored_2x2", "margin_scored_2x12"]
+    assert table["index"].tolist() == list(range(8))
+    assert ((table["prediction_2x12"] - table["prediction_2x2"]) % 4 == 1).all()
+    assert (table["certified_never_2x2"] == 0).all() and (table["margin_scored_2x12"] == -7).all()
+    assert math.isnan(evaluation.forward_seconds) and evaluation.certify_seconds > 0
+    summary = summarize(evaluation, PATCHES, ["never", "scored"])
+    assert len(summary) == 4 and (summary["certified_accuracy"] == 0).all()
+    clean = summary.set_index(["patch", "condition"])["clean_accuracy"]
+    for patch in PATCHES:
+        assert clean[(str(patch), "never")] == (table[f"prediction_{patch}"]
+                                                == table["label"]).mean()
+
+
+def test_a_defense_without_certify_cannot_be_built():
+    class NoCertify(Defense):
+        def build_model(self, in_shape, num_classes):
+            return nn.Identity()
+
+        def loss(self, model, images, labels, step):
+            raise NotImplementedError
+
+    with pytest.raises(TypeError, match="certify"):
+        NoCertify()
+
+
+def _bool(shape) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(("make", "fragment"), [
+    (lambda c: Certificate(c.prediction[:1], c.certified, c.margin), "prediction of shape (1, 2)"),
+    (lambda c: Certificate(c.prediction, {"never": c.certified["never"]}, c.margin),
+     "conditions ['never'] instead of ['never', 'scored']"),
+    (lambda c: Certificate(c.prediction, {**c.certified, "never": c.certified["never"].int()},
+                           c.margin), "certified['never'] torch.int32 (8, 2)"),
+    (lambda c: Certificate(c.prediction, {**c.certified, "never": _bool((8, 3))}, c.margin),
+     "certified['never'] torch.bool (8, 3)"),
+    (lambda c: Certificate(c.prediction, c.certified, {"scored": torch.zeros(8, 2)}),
+     "margin['scored'] that disagrees with its certified flags"),
+], ids=["prediction", "missing condition", "int flags", "flags of the wrong shape",
+        "margin against flags"])
+def test_a_malformed_certificate_is_rejected_clearly(make, fragment):
+    data = load_dataset("synthetic", "test").subset(8)
+    defense = Malformed(make)
+    model = defense.build_model(data.in_shape, data.num_classes)
+    with torch.no_grad():
+        good = Plain().certify(model, next(iter(batches(data, 8)))[0], PATCHES)
+    check_certificate(good, 8, ["never", "scored"], len(PATCHES), "plain")  # passes
+    with pytest.raises(ValueError, match="malformed certificate") as raised:
+        check_certificate(make(good), 8, ["never", "scored"], len(PATCHES), "plain")
+    assert fragment in str(raised.value) and "'plain'" in str(raised.value)
+    # and certify_split checks every batch of a defense that certifies on its own
+    with pytest.raises(ValueError, match=r"defense 'plain' returned a malformed certificate"):
+        certify_split(defense, model, data, PATCHES, ["never", "scored"], show_progress=False)
 
 
 class DataDependent(nn.Module):

@@ -51,8 +51,15 @@ def test_naming_the_broken_plugin_fails_its_cell_clearly(plugin_path, tmp_path):
 
 
 def test_plugin_runs_end_to_end(plugin_path, tmp_path):
+    train = ("--dataset", "synthetic", "--epochs", "1", "--max-train-images", "64")
     out = patchbench(plugin_path, "run", "--defense", "pixel-vote", "--patch", "1x1,2x2",
-                     "--dataset", "synthetic", "--n-images", "16", "--epochs", "1",
-                     "--max-train-images", "64", "--results-dir", str(tmp_path / "results"))
+                     *train, "--n-images", "16", "--results-dir", str(tmp_path / "results"))
     assert out.returncode == 0, out.stderr
     assert len(list((tmp_path / "results" / "rows").glob("*.csv"))) == 1
+    # its attack hooks (touched_cells, soft_votes) make it attackable too; no violation
+    out = patchbench(plugin_path, "attack", "--defense", "pixel-vote", "--patch", "2x2", *train,
+                     "--n-images", "4", "--steps", "2", "--restarts", "1",
+                     "--position-stride", "9", "--worst-positions", "2",
+                     "--results-dir", str(tmp_path / "results"))
+    assert out.returncode == 0, out.stderr
+    assert "pixel-vote" in out.stdout

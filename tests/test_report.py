@@ -613,3 +613,181 @@ def test_recipe_fields_missing_from_older_rows_take_their_defaults(built: Built)
     selected = split_and_name(both.assign(metric=metric_of(both)), Path("here"))
     assert set(selected.certified["config"]) == {"bagcert precision=fp32",
                                                  "bagcert precision=bf16"}
+
+
+# -- every defense family: vote maps beside PatchCleanser (masking) ----------------------------
+
+MASKING_PATCHES = "5x5,2x12"
+MASKING_ATTACKED = 16  # a hand-made attack of the PatchCleanser run's first 16 images, at 5x5
+
+
+@dataclass(frozen=True)
+class Mixed:
+    results: Path
+    cache: Path
+    out: Path
+    result: Result
+    masking: pd.DataFrame  # the PatchCleanser run's rows
+    per_image: pd.DataFrame  # and its per-image table
+
+
+def add_masking_attack(results: Path, rows: pd.DataFrame, per_image: pd.DataFrame) -> None:
+    """Attack rows for the PatchCleanser run as a generic attack would write them: its first
+    16 images at 5x5, none broken, with a per-image table (``prediction_<patch>``)."""
+    row = rows[rows["patch"] == "5x5"].iloc[0]
+    first = per_image[per_image["index"] < MASKING_ATTACKED]
+    correct = first["prediction_5x5"] == first["label"]
+    pd.DataFrame({"index": first["index"], "label": first["label"],
+                  "prediction_5x5": first["prediction_5x5"], "attacked_5x5": correct,
+                  "broken_5x5": False}).to_csv(
+        results / "per_image" / "masking-attack.csv.gz", index=False)
+    keep = ["defense", "dataset", "split", "params", "checkpoint_sha256", "patch", "patch_h",
+            "patch_w", "timestamp"]
+    pd.DataFrame([{**row[keep].to_dict(), "cell": "masking-attack", "metric": "empirical",
+                   "n_images": MASKING_ATTACKED, "clean_accuracy": float(correct.mean()),
+                   "empirical_accuracy": float(correct.mean()), "n_attacked": int(correct.sum()),
+                   "n_violations": 0}]).to_csv(results / "rows" / "masking-attack.csv",
+                                               index=False)
+
+
+@pytest.fixture(scope="module")
+def mixed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Mixed:
+    """The vote-map results of ``built`` and a tiny PatchCleanser run (3 x 3 masks) in one
+    folder, with the same checkpoint cache, plus a hand-made attack of the PatchCleanser run."""
+    root = tmp_path_factory.mktemp("mixed")
+    results, cache, out = root / "results", built.results.parent / "cache", root / "reports"
+    for sub in ("rows", "per_image"):
+        (results / sub).mkdir(parents=True)
+        for path in (built.results / sub).iterdir():
+            (results / sub / path.name).write_bytes(path.read_bytes())
+    before = set((results / "rows").iterdir())
+    run = invoke("run", "--defense", "patchcleanser", "--patch", MASKING_PATCHES, *TINY,
+                 "--masks-per-axis", "3", "--results-dir", str(results), cache=cache)
+    assert run.exit_code == 0, run.output
+    (new,) = set((results / "rows").iterdir()) - before
+    masking = pd.read_csv(new)
+    per_image = pd.read_csv(results / "per_image" / f"{new.stem}.csv.gz")
+    add_masking_attack(results, masking, per_image)
+    result = invoke("report", "--results-dir", str(results), "--out", str(out),
+                    "--gallery-images", "2", cache=cache)
+    return Mixed(results, cache, out, result, masking, per_image)
+
+
+def test_a_mixed_report_has_both_families_in_headline_and_tables(built: Built,
+                                                                  mixed: Mixed) -> None:
+    assert mixed.result.exit_code == 0, mixed.result.output
+    def read(name: str) -> pd.DataFrame:
+        return pd.read_csv(mixed.out / "tables" / f"{name}.csv")
+
+    headline = read("headline").set_index("defense")
+    assert sorted(headline.index) == ["bagcert", "ds-column", "patchcleanser"]
+    at = mixed.masking.set_index("patch")
+    assert (mixed.masking["condition"] == "masking").all()
+    assert headline.loc["patchcleanser", "5x5 masking (%)"] == pytest.approx(
+        100 * at.loc["5x5", "certified_accuracy"])
+    assert headline.loc["patchcleanser", "2x12 masking (%)"] == pytest.approx(
+        100 * at.loc["2x12", "certified_accuracy"])
+    assert headline.loc["patchcleanser", "clean (%)"] == pytest.approx(
+        100 * at.loc["5x5", "clean_accuracy"])
+    assert pd.isna(headline.loc["patchcleanser", "5x5 tight (%)"])
+    # the vote-map numbers are those of the vote-map report
+    alone = table(built, "headline").set_index("defense")
+    assert headline.loc[alone.index, alone.columns].equals(alone)
+
+    accuracy = read("accuracy")
+    assert list(accuracy.columns[-3:]) == ["tight (%)", "global (%)", "masking (%)"]
+    mine = accuracy[accuracy["defense"] == "patchcleanser"].set_index("patch")
+    assert sorted(mine.index) == sorted(MASKING_PATCHES.split(","))
+    for patch, row in at.iterrows():  # clean accuracy per shape, certified under masking
+        assert mine.loc[patch, "clean (%)"] == pytest.approx(100 * row["clean_accuracy"])
+        assert mine.loc[patch, "masking (%)"] == pytest.approx(100 * row["certified_accuracy"])
+    assert mine[["tight (%)", "global (%)"]].isna().all(axis=None)
+    assert accuracy.loc[accuracy["defense"] != "patchcleanser", "masking (%)"].isna().all()
+    vote_maps = accuracy[accuracy["defense"] != "patchcleanser"]
+    assert vote_maps.drop(columns="masking (%)").reset_index(drop=True).equals(
+        table(built, "accuracy"))
+
+    text = (mixed.out / "report.md").read_text()
+    assert "Certified accuracy (tight, masking) by patch height and width" in text
+    assert "at 5x5, tight/masking)" in text  # the headline's title names both conditions
+    sweep = read("rf_sweep")
+    assert "patchcleanser" in sweep.columns
+    assert "certified 5x5, tight/masking (%)" in set(sweep["measure"])
+
+
+def test_a_masking_attack_is_compared_under_its_own_condition(mixed: Mixed) -> None:
+    """The certified accuracy of the attacked images is recomputed from the PatchCleanser
+    run's per-image table (per-shape predictions, certified flags, no margins)."""
+    attacks = pd.read_csv(mixed.out / "tables" / "certified_vs_attacked.csv")
+    (row,) = attacks[attacks["config"] == "patchcleanser"].to_dict("records")
+    first = mixed.per_image[mixed.per_image["index"] < MASKING_ATTACKED]
+    certified = ((first["prediction_5x5"] == first["label"])
+                 & first["certified_masking_5x5"].astype(bool))
+    assert row["masking (%)"] == pytest.approx(100 * certified.mean())
+    assert pd.isna(row["tight (%)"]) and row["violations"] == 0
+    assert row["gap (points)"] == pytest.approx(row["empirical (%)"] - row["masking (%)"])
+    assert row["certified by"].endswith(f": {MASKING_ATTACKED} of 64 images")
+    findings = (mixed.out / "report.md").read_text().split("## Findings")[1].split("##")[0]
+    assert "above the certified (tight or masking) accuracy of the same images" in findings
+
+
+def test_a_mixed_report_draws_the_masking_gallery(mixed: Mixed) -> None:
+    text = (mixed.out / "report.md").read_text()
+    linked = re.findall(r"\]\((figures/gallery_[^)]+\.png)\)", text)
+    (drawn,) = [p for p in linked if p.endswith("_patchcleanser.png")]
+    with Image.open(mixed.out / drawn) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+        image.verify()
+    gallery = pd.read_csv(mixed.out / "tables" / "gallery_masking.csv")
+    assert len(gallery) == 2 and (gallery["config"] == "patchcleanser").all()
+    assert gallery["matches"].all() and (gallery["patch"] == "5x5").all()
+    assert (gallery["pairs"] == 9 * 10 // 2).all()  # 3 x 3 masks, as the run certified
+    stored = mixed.per_image.set_index("index")
+    for row in gallery.to_dict("records"):
+        assert row["certified"] == bool(stored.loc[row["image"], "certified_masking_5x5"])
+        assert (row["masks"] == "-") == row["certified"]  # a differing pair iff not certified
+    assert "gallery not supported" not in text
+    assert set(pd.read_csv(mixed.out / "tables" / "gallery.csv")["config"]) == {
+        "bagcert rf=5", "ds-column"}
+
+
+def test_explain_names_the_first_pair_that_differs() -> None:
+    """``explain`` agrees with ``certify``, and its pair is the first (i <= j, in mask order)
+    whose two-mask prediction differs (a linear model on 12 x 12 images, masks set to 0)."""
+    torch.manual_seed(0)
+    defense = get_defense("patchcleanser")(masks_per_axis=2, mask_value=0.0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 3)).eval()
+    images, patch = torch.rand(8, 1, 12, 12), PatchShape(3, 3)
+    cert = defense.certify(model, images, [patch])
+    masks = defense.masks(patch, (12, 12))
+    pairs = [(i, j) for i in range(len(masks)) for j in range(i, len(masks))]
+    seen = set()
+    for k, image in enumerate(images):
+        ex = defense.explain(model, image, patch)
+        assert ex.prediction == int(cert.prediction[k, 0])
+        assert ex.certified == bool(cert.certified["masking"][k, 0]) == (ex.pair is None)
+        assert ex.one_mask.shape == (2, 2) and ex.pairs == len(pairs) == 10
+        with torch.no_grad():
+            labels = [int(model(image.masked_fill(masks[i] | masks[j], 0.0)[None]).argmax())
+                      for i, j in pairs]
+        differ = [pair for pair, label in zip(pairs, labels, strict=True)
+                  if label != ex.prediction]
+        assert ex.pair == (differ[0] if differ else None)
+        if ex.pair is not None:
+            assert ex.mask_prediction == labels[pairs.index(ex.pair)] != ex.prediction
+            assert [m.tolist() for m in ex.masks] == [masks[p].tolist() for p in ex.pair]
+        seen.add(ex.certified)
+    assert seen == {True, False}  # not vacuous
+
+
+def test_a_defense_without_explain_says_the_gallery_is_not_supported(
+        mixed: Mixed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(get_defense("patchcleanser"), "explain")
+    result = invoke("report", "--results-dir", str(mixed.results), "--out", str(tmp_path),
+                    "--defense", "patchcleanser", "--gallery-images", "2", cache=mixed.cache)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    assert ("- patchcleanser: gallery not supported by patchcleanser: it lacks explain."
+            in text)
+    assert "figures/gallery_" not in text
+    assert not (tmp_path / "tables" / "gallery_masking.csv").exists()

@@ -5,17 +5,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchbench.defense import Defense
+from patchbench.defense import TrainStep, VoteMapDefense
 from patchbench.footprints import Footprints, clipped_intervals
 
 
-class PixelDefense(Defense):
+class PixelDefense(VoteMapDefense):
     """Each pixel is a cell (a 1x1 convolution): trains in a blink."""
 
     def build_model(self, in_shape, num_classes):
         return nn.Conv2d(in_shape[0], num_classes, 1)
 
-    def loss(self, model, images, labels):
+    def loss(self, model, images, labels, step: TrainStep):
         scores = model(images).mean(dim=(2, 3))
         return F.cross_entropy(scores, labels), scores.argmax(1)
 
