@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from patchbench.certify import Certificate
 from patchbench.defense import Defense, DefenseConfig, TrainStep
-from patchbench.patches import PatchShape, check_fits
+from patchbench.patches import PatchShape, box_masks, check_fits
 
 CONDITION = "masking"
 SMALL_CNN = "small-cnn"
@@ -339,8 +339,6 @@ class PatchCleanser(Defense):
         rival = logits.scatter(2, prediction[:, None, None].expand(n, m, 1),
                                float("-inf")).amax(dim=2)
         # a mask covers a box where it holds all of the box's pixels (from the mask set itself)
-        from patchbench.patches import box_masks
-
         inside = box_masks(boxes, image_hw).flatten(1).float() @ masks.flatten(1).float().T
         covers = inside >= boxes[:, 2:].prod(dim=1, keepdim=True).float()
         weight = (~covers).float()

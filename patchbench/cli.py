@@ -516,14 +516,19 @@ def parse_where(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
               help="Only rows with this parameter value, e.g. ablation_size=2 (repeatable).")
 @click.option("--patch", default="5x5", show_default=True, callback=parse_one_patch,
               help="Patch shape to optimise for.")
-@click.option("--condition", type=click.Choice(CONDITIONS), default="tight", show_default=True)
+@click.option("--condition", help="Certification condition [default: the defense's first: "
+              "tight for vote maps, masking for patchcleanser].")
 @click.option("--clean-tolerance", type=click.FloatRange(0, 1), default=0.01, show_default=True,
               help="Candidates may lose at most this much clean accuracy to the best one.")
 def select_command(results_dir: Path, defense_name: str, param: list[str],
-                   where: dict[str, str], patch: str, condition: str,
+                   where: dict[str, str], patch: str, condition: str | None,
                    clean_tolerance: float) -> None:
     """Choose settings on validation rows: most certified among the near-best clean ones."""
     rows = load_results(results_dir)
+    if condition is None:
+        present = list(dict.fromkeys(rows.loc[rows["defense"] == defense_name, "condition"]
+                                     .dropna())) if "condition" in rows else []
+        condition = next((c for c in (*CONDITIONS, *present) if c in present), "tight")
     try:
         chosen = select_setting(defense_rows(rows, defense_name, results_dir), param, patch,
                                 condition, clean_tolerance, where)

@@ -249,10 +249,10 @@ def defense_conditions(classes: Mapping[str, type[Defense] | None], asked: list[
            for name, cls in classes.items()}
     if asked is None:
         return own
-    known = {c for conds in own.values() for c in conds}
+    known = list(dict.fromkeys(c for conds in own.values() for c in conds))
     unknown = [c for c in asked if c not in known]
     if unknown:
-        raise SweepError(f"unknown condition(s) {unknown}; choose from {', '.join(sorted(known))}",
+        raise SweepError(f"unknown condition(s) {unknown}; choose from {', '.join(known)}",
                          "--condition")
     picked = {name: tuple(c for c in asked if c in conds) for name, conds in own.items()}
     empty = [name for name, conds in picked.items() if not conds]

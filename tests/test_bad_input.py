@@ -115,7 +115,7 @@ cases({"run": COMMANDS["run"], "attack": COMMANDS["attack"]}, {
 cases({"run": COMMANDS["run"]}, {
     "unknown condition": (("--condition", "tight,loose"), 2,
                           "Invalid value for '--condition': unknown condition(s) ['loose']; "
-                          "choose from global, tight"),
+                          "choose from tight, global"),
     "empty condition": (("--condition", ","), 2,
                         "Invalid value for '--condition': no condition in ','"),
     "unknown backend": (("--backend", "dask"), 2,
