@@ -9,6 +9,7 @@ higher clean accuracy, then to the first candidate in sorted order.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ def select_setting(rows: pd.DataFrame, params: str | Sequence[str], patch: str =
     result rows of one defense on one validation split; ``where`` keeps only the rows whose
     parameters have the given values (e.g. one ablation size)."""
     names = [params] if isinstance(params, str) else list(params)
+    rows = with_recipe_columns(rows, names)
     columns = [f"param_{name}" for name in names]
     for name in [*names, *(where or {})]:
         if f"param_{name}" not in rows.columns:
@@ -62,6 +64,21 @@ def select_setting(rows: pd.DataFrame, params: str | Sequence[str], patch: str =
                                                 kind="stable")
     first = best.iloc[:1]  # per column, so an integer parameter stays an integer
     return Selection(tuple(first[name].tolist()[0] for name in names), table)
+
+
+def with_recipe_columns(rows: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
+    """Rows with ``param_train_<field>`` for each asked ``train_<field>`` of the training
+    recipe (the ``train_config`` JSON), so that a recipe field (``train_epochs``) is chosen on
+    val like a defense parameter."""
+    recipe = [n for n in names if n.startswith("train_") and f"param_{n}" not in rows
+              and "train_config" in rows]
+    if not recipe:
+        return rows
+    configs = rows["train_config"].map(lambda text: json.loads(text) if isinstance(text, str)
+                                       else {})
+    prefix = len("train_")
+    return rows.assign(**{f"param_{n}": configs.map(lambda c, k=n[prefix:]: c.get(k))
+                          for n in recipe})
 
 
 def same(value: object, wanted: object) -> bool:

@@ -68,3 +68,13 @@ def test_where_keeps_the_rows_of_one_setting():
         select_setting(sizes_and_thresholds(), "threshold", where={"ablation_size": 3})
     with pytest.raises(ValueError, match="several rows per threshold"):
         select_setting(sizes_and_thresholds(), "threshold")
+
+
+def test_a_training_recipe_field_is_chosen_like_a_parameter():
+    rows = pd.DataFrame({
+        "defense": "patchcleanser", "split": "val", "patch": "5x5", "condition": "masking",
+        "param_width": [48, 48], "clean_accuracy": [0.90, 0.898],
+        "certified_accuracy": [0.60, 0.62],
+        "train_config": ['{"epochs": 20}', '{"epochs": 30}']})
+    chosen = select_setting(rows, ["width", "train_epochs"], condition="masking")
+    assert chosen.value == (48, 30)
