@@ -525,10 +525,14 @@ def select_command(results_dir: Path, defense_name: str, param: list[str],
                    clean_tolerance: float) -> None:
     """Choose settings on validation rows: most certified among the near-best clean ones."""
     rows = load_results(results_dir)
+    present = list(dict.fromkeys(rows.loc[rows["defense"] == defense_name, "condition"]
+                                 .dropna())) if "condition" in rows else []
     if condition is None:
-        present = list(dict.fromkeys(rows.loc[rows["defense"] == defense_name, "condition"]
-                                     .dropna())) if "condition" in rows else []
         condition = next((c for c in (*CONDITIONS, *present) if c in present), "tight")
+    elif present and condition not in present:
+        raise click.BadParameter(f"unknown condition {condition!r}; the rows of "
+                                 f"{defense_name} have {', '.join(present)}",
+                                 param_hint="'--condition'")
     try:
         chosen = select_setting(defense_rows(rows, defense_name, results_dir), param, patch,
                                 condition, clean_tolerance, where)

@@ -16,3 +16,7 @@ patchbench bench --defense ds-block --ablation-size 10 --width 16 --shape fashio
 # peak memory: 64 ImageNet-size images, a BagNet-17-like map (stride 8), 1000 classes, 20 shapes
 patchbench bench --defense bagcert --rf 17 --stride 8 --shape imagenet --batch-size 64 \
   --n-shapes 20 --repeats 1 --warmup 0 --results-dir "$out"
+# PatchCleanser: k^2 (k^2 + 1) / 2 = 666 two-mask passes per image and 5x5-like shape at k = 6
+# (the study's chosen width), against its bare passes and the published-style reference
+patchbench bench --defense patchcleanser --width 48 --shape fashion-mnist --batch-size 16 \
+  --n-shapes 1,3 --repeats 1 --results-dir "$out"

@@ -123,8 +123,8 @@ cases({"run": COMMANDS["run"]}, {
 })
 cases({"select": COMMANDS["select"]}, {
     "unknown condition": (("--condition", "loose"), 2,
-                          "Invalid value for '--condition': 'loose' is not one of 'tight', "
-                          "'global'"),
+                          "Invalid value for '--condition': unknown condition 'loose'; the "
+                          "rows of ds-column have tight"),
     "unknown parameter": (("--param", "rf"), 2, "the rows sweep no parameter 'rf'"),
     "parameter list malformed": (("--param", "threshold,,threshold"), 2,
                                  "comma-separated distinct parameter names, not "
