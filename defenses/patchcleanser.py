@@ -120,8 +120,12 @@ def build_base_classifier(base: str, in_shape: tuple[int, int, int], num_classes
     model = timm.create_model(base, pretrained=False, num_classes=num_classes,
                               in_chans=in_shape[0])
     if isinstance(model, timm.models.ResNet) and max(in_shape[1:]) <= SMALL_IMAGE_SIDE:
-        model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1,
-                                bias=False)
+        # CIFAR-style stem: the ImageNet one would shrink a small image 4x before any block
+        if isinstance(model.conv1, nn.Conv2d):
+            model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1,
+                                    1, bias=False)
+        else:  # deep stem ("c", "d", "t" variants): a stack whose first conv strides
+            model.conv1[0].stride = (1, 1)
         model.maxpool = nn.Identity()
     return model
 
