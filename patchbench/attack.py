@@ -75,7 +75,6 @@ from patchbench.results import (
     rows_path,
 )
 
-HOOKS = ("touched_cells", "soft_votes")
 # (image, position) pairs per PGD batch of a defense without a vote map (each surrogate pass
 # may run the base classifier many times per pair: k^2 masked images for PatchCleanser).
 GENERIC_CHUNK = 64
