@@ -34,14 +34,12 @@ from torch import Tensor, nn
 
 from patchbench.certify import Certificate
 from patchbench.defense import Defense, DefenseConfig, TrainStep
+from patchbench.defenses.bases import SMALL_CNN, check_base, timm_classifier
 from patchbench.patches import PatchShape, box_masks, check_fits
 
 CONDITION = "masking"
-SMALL_CNN = "small-cnn"
 # Masked images per forward pass in certification (bounds memory: 4096 * 28 * 28 floats).
 MAX_FORWARD = 4096
-# timm ResNets get a CIFAR-style stem on images up to this side.
-SMALL_IMAGE_SIDE = 64
 
 AxisMasks = tuple[tuple[int, ...], int]  # (starts, side) of the masks along one axis
 
@@ -115,19 +113,7 @@ def build_base_classifier(base: str, in_shape: tuple[int, int, int], num_classes
                           width: int) -> nn.Module:
     if base == SMALL_CNN:
         return SmallCNN(in_shape[0], num_classes, width)
-    import timm  # slow to import; only timm bases need it
-
-    model = timm.create_model(base, pretrained=False, num_classes=num_classes,
-                              in_chans=in_shape[0])
-    if isinstance(model, timm.models.ResNet) and max(in_shape[1:]) <= SMALL_IMAGE_SIDE:
-        # CIFAR-style stem: the ImageNet one would shrink a small image 4x before any block
-        if isinstance(model.conv1, nn.Conv2d):
-            model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1,
-                                    1, bias=False)
-        else:  # deep stem ("c", "d", "t" variants): a stack whose first conv strides
-            model.conv1[0].stride = (1, 1)
-        model.maxpool = nn.Identity()
-    return model
+    return timm_classifier(base, in_shape[0], num_classes, max(in_shape[1:]))
 
 
 def predict(model: nn.Module, images: Tensor, masks: Tensor, value: float) -> Tensor:
@@ -249,12 +235,7 @@ class PatchCleanser(Defense):
             raise ValueError("need 1 <= train_patch_min <= train_patch_max")
         if c.width < 1:
             raise ValueError(f"width must be at least 1, got {c.width}")
-        if c.base != SMALL_CNN:
-            import timm
-
-            if not timm.is_model(c.base):
-                raise ValueError(f"base must be {SMALL_CNN!r} or a timm model name, "
-                                 f"got {c.base!r}")
+        check_base(c.base)
 
     def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         return build_base_classifier(self.config.base, in_shape, num_classes, self.config.width)

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patchbench.defense import DefenseConfig, TrainStep, VoteMapDefense
+from patchbench.defenses.bases import SMALL_CNN, check_base, timm_classifier
 from patchbench.footprints import Footprints, cyclic_intervals
 from patchbench.patches import PatchShape, box_masks
 
 # Which axes each mode ablates: (rows, columns).
 ABLATED_AXES = {"column": (False, True), "row": (True, False), "block": (True, True)}
-SMALL_CNN = "small-cnn"
 # Most encoded images per forward pass in ``smoothed_votes`` (block smoothing needs H*W each).
 MAX_FORWARD = 4096
 # Encoded input per forward block: about this much on a CPU (cache-sized, at least
@@ -38,8 +38,6 @@ CPU_MIN_BLOCK = 16
 MAX_BLOCK_BYTES = 256 << 20
 # The masks of all positions are built once where they take at most this much.
 MAX_MASK_BYTES = 64 << 20
-# timm ResNets get a CIFAR-style stem on images up to this side.
-SMALL_IMAGE_SIDE = 64
 
 
 @dataclass
@@ -183,23 +181,7 @@ def build_base_classifier(base: str, in_shape: tuple[int, int, int], num_classes
     in_ch = 2 * in_shape[0]
     if base == SMALL_CNN:
         return SmallCNN(in_ch, num_classes, width)
-    import timm  # slow to import; only timm bases need it
-
-    model = timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_ch)
-    if isinstance(model, timm.models.ResNet) and max(in_shape[1:]) <= SMALL_IMAGE_SIDE:
-        _small_image_stem(model)
-    return model
-
-
-def _small_image_stem(model: nn.Module) -> None:
-    """CIFAR-style ResNet stem (3x3 stride-1 conv, no max pool): the ImageNet stem would shrink
-    a 28-32 pixel image 4x before the first block."""
-    stem = model.conv1
-    if isinstance(stem, nn.Conv2d):
-        model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, 1, 1, bias=False)
-    else:  # deep stem ("c", "d", "t" variants): a stack whose first conv strides
-        stem[0].stride = (1, 1)
-    model.maxpool = nn.Identity()
+    return timm_classifier(base, in_ch, num_classes, max(in_shape[1:]))
 
 
 class Smoothing(VoteMapDefense):
@@ -221,12 +203,7 @@ class Smoothing(VoteMapDefense):
             raise ValueError(f"ablation_size must be at least 1, got {c.ablation_size}")
         if not 0 < c.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {c.threshold}")
-        if c.base != SMALL_CNN:
-            import timm
-
-            if not timm.is_model(c.base):
-                raise ValueError(f"base must be {SMALL_CNN!r} or a timm model name, "
-                                 f"got {c.base!r}")
+        check_base(c.base)
 
     def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         return build_base_classifier(self.config.base, in_shape, num_classes, self.config.width)
