@@ -8,6 +8,7 @@ tight certification margin for a randomly drawn patch (see ``BagCert.loss``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patchbench.defense import DefenseConfig, TrainStep, VoteMapDefense
+from patchbench.defense import DefenseConfig, ParameterError, TrainStep, VoteMapDefense
 from patchbench.footprints import Footprints, clipped_intervals
 from patchbench.patches import PatchShape
 
@@ -90,14 +91,11 @@ class BagNet(nn.Module):
                  stride: int, padding: int, vote_threshold: float = 0.0) -> None:
         super().__init__()
         self.vote_threshold = vote_threshold
-        n3 = count_3x3(rf, stride)
-        strides = [1] * (n3 - halvings(stride)) + [2] * halvings(stride)
         self.stem = nn.Sequential(nn.Conv2d(in_ch, width, 1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU())
         self.blocks = nn.Sequential(*[
-            Block(width, width, 3 if i < n3 else 1, strides[i] if i < n3 else 1,
-                  padding if i < n3 else 0)
-            for i in range(n3 + blocks_1x1)])
+            Block(width, width, *layer) for layer in block_geometry(rf, blocks_1x1, stride,
+                                                                     padding)])
         self.head = nn.Conv2d(width, num_classes, 1)
 
     def geometry(self) -> list[Geometry]:
@@ -130,6 +128,14 @@ def count_3x3(rf: int, stride: int) -> int:
     return (rf - smallest) // 2 + m
 
 
+def block_geometry(rf: int, blocks_1x1: int, stride: int, padding: int) -> list[Geometry]:
+    """(kernel, stride, padding) of each residual block of the BagNet, without building it:
+    the 3x3 blocks (the last log2(stride) of them halving), then the 1x1 ones."""
+    n3, m = count_3x3(rf, stride), halvings(stride)
+    return ([(3, 1, padding)] * (n3 - m) + [(3, 2, padding)] * m
+            + [(1, 1, 0)] * blocks_1x1)
+
+
 def receptive_field(geometry: list[Geometry]) -> tuple[int, int, int]:
     """(rf, stride, padding) of the stack: output cell i covers input pixels
     [i*stride - padding, i*stride - padding + rf - 1]."""
@@ -153,13 +159,26 @@ class BagCert(VoteMapDefense):
     Config = BagCertConfig
     config: BagCertConfig
     train_defaults = {"epochs": 8, "batch_size": 128, "crop_padding": 2}
+    label_params = ("rf",)
 
     def __init__(self, config: BagCertConfig | None = None, **params) -> None:
         super().__init__(config, **params)
         c = self.config
-        count_3x3(c.rf, c.stride)
+        for name, check in (("stride", lambda: halvings(c.stride)),
+                            ("rf", lambda: count_3x3(c.rf, c.stride))):
+            try:
+                check()
+            except ValueError as err:
+                raise ParameterError(name, str(err)) from None
+        if c.width < 1:
+            raise ParameterError("width", f"width must be at least 1, got {c.width}")
         if c.blocks_1x1 < 0:
-            raise ValueError(f"blocks_1x1 must be >= 0, got {c.blocks_1x1}")
+            raise ParameterError("blocks_1x1", f"blocks_1x1 must be >= 0, got {c.blocks_1x1}")
+        if c.padding < 0:
+            raise ParameterError("padding", f"padding must be >= 0, got {c.padding}")
+        if not c.temperature > 0:
+            raise ParameterError("temperature",
+                                 f"temperature must be positive, got {c.temperature}")
         if not 1 <= c.patch_min <= c.patch_max:
             raise ValueError("need 1 <= patch_min <= patch_max")
         if c.cell_loss not in CELL_LOSSES:
@@ -168,7 +187,24 @@ class BagCert(VoteMapDefense):
             raise ValueError(f"vote_threshold must be in [0, 1), got {c.vote_threshold}")
         if c.reduction not in ("max", "mean"):
             raise ValueError(f"reduction must be 'max' or 'mean', got {c.reduction!r}")
-        self._geometry = BagNet(1, 1, c.rf, 1, c.blocks_1x1, c.stride, c.padding).geometry()
+
+    @functools.cached_property
+    def _geometry(self) -> list[Geometry]:
+        """The main path's layers, as ``BagNet.geometry`` gives them, without a model."""
+        c = self.config
+        return [(1, 1, 0), *block_geometry(c.rf, c.blocks_1x1, c.stride, c.padding), (1, 1, 0)]
+
+    def check(self, in_shape: tuple[int, int, int]) -> None:
+        """A cell must see less than a whole side of the image (which, padding being >= 0,
+        also leaves the score map at least one cell), and training patches must fit."""
+        _, height, width = in_shape
+        c, side = self.config, min(height, width)
+        if c.rf >= side:
+            raise ParameterError("rf", f"rf {c.rf} covers a whole side of the {height}x{width} "
+                                 f"images: bagcert needs rf < {side}")
+        if c.patch_min > side:
+            raise ParameterError("patch_min", f"patch_min {c.patch_min} does not fit in the "
+                                 f"{height}x{width} images")
 
     def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         c = self.config

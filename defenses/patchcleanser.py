@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patchbench.certify import Certificate
-from patchbench.defense import Defense, DefenseConfig, TrainStep
+from patchbench.defense import Defense, DefenseConfig, ParameterError, TrainStep
 from patchbench.defenses.bases import SMALL_CNN, check_base, timm_classifier
 from patchbench.patches import PatchShape, box_masks, check_fits
 
@@ -225,17 +225,30 @@ class PatchCleanser(Defense):
     conditions = (CONDITION,)
     train_defaults = {"epochs": 20, "batch_size": 128, "crop_padding": 2}
     certify_params = frozenset({"masks_per_axis"})  # one model serves every k
+    label_params = ("masks_per_axis",)
 
     def __init__(self, config: PatchCleanserConfig | None = None, **params) -> None:
         super().__init__(config, **params)
         c = self.config
-        if min(c.masks_per_axis, c.train_masks_per_axis) < 1:
-            raise ValueError("masks_per_axis and train_masks_per_axis must be at least 1")
+        for name in ("masks_per_axis", "train_masks_per_axis"):
+            k = getattr(c, name)
+            if k < 2:  # one mask per axis has the side of the image: it masks everything
+                raise ParameterError(name, f"{name} must be at least 2, got {k}" + (
+                    ": a single mask per axis covers the whole image" if k == 1 else ""))
         if not 1 <= c.train_patch_min <= c.train_patch_max:
             raise ValueError("need 1 <= train_patch_min <= train_patch_max")
         if c.width < 1:
-            raise ValueError(f"width must be at least 1, got {c.width}")
+            raise ParameterError("width", f"width must be at least 1, got {c.width}")
         check_base(c.base)
+
+    def check(self, in_shape: tuple[int, int, int]) -> None:
+        """Training patches must fit in the image (larger sides would be cut to the image,
+        whose masks cover whole sides)."""
+        _, height, width = in_shape
+        if self.config.train_patch_min > min(height, width):
+            raise ParameterError("train_patch_min", f"train_patch_min "
+                                 f"{self.config.train_patch_min} does not fit in the "
+                                 f"{height}x{width} images")
 
     def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         return build_base_classifier(self.config.base, in_shape, num_classes, self.config.width)

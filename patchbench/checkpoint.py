@@ -20,6 +20,7 @@ from patchbench.atomic import atomic_path
 from patchbench.defense import Defense, UnknownDefenseError, get_defense
 
 FORMAT = 1
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
 
 
 class CheckpointError(ValueError):
@@ -61,19 +62,55 @@ def save_checkpoint(path: str | Path, defense: Defense, model: nn.Module,
     return sha
 
 
+def _read(path: Path, map_location: str | torch.device = "cpu"
+          ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """(meta, state dict, stored hash) of a checkpoint file, unverified."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint file: it is "
+                              + ("a folder" if path.is_dir() else "not a regular file"))
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(ZIP_MAGIC))
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.strerror}") from None
+    if not head:
+        raise CheckpointError(f"{path} is not a checkpoint file: it is empty")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        if head != ZIP_MAGIC:  # not even the container torch.save writes
+            raise CheckpointError(f"{path} is not a checkpoint file") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated "
+                              f"({type(err).__name__})") from None
+    if not (isinstance(payload, dict) and {"meta", "state_dict", "sha256"} <= set(payload)
+            and isinstance(payload["meta"], dict)):
+        raise CheckpointError(f"{path} is not a checkpoint file: torch.save data, but not "
+                              "written by patchbench (no meta, state_dict and sha256)")
+    return payload["meta"], payload["state_dict"], payload["sha256"]
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint (defense, params, dataset, ...), without rebuilding its
+    model; the content hash is checked when it is loaded (``load_checkpoint``)."""
+    path = Path(path)
+    meta = _read(path)[0]
+    if not isinstance(meta.get("defense"), str):
+        raise CheckpointError(f"checkpoint {path} names no defense")
+    return meta
+
+
 def load_checkpoint(path: str | Path, defense: str | None = None, dataset: str | None = None,
                     map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load, verify the hash, rebuild the defense and its model (eval mode)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    meta, state, sha = _read(path, map_location)
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        meta, state, sha = payload["meta"], payload["state_dict"], payload["sha256"]
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated "
-                              f"({type(err).__name__})") from None
-    if content_hash(meta, state) != sha:
+        altered = content_hash(meta, state) != sha
+    except Exception:  # not JSON, or not tensors: not as written
+        altered = True
+    if altered:
         raise CheckpointError(f"checkpoint {path} was altered after it was written "
                               "(content hash mismatch)")
     if defense is not None and meta.get("defense") != defense:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 from pathlib import Path
 
 import click
 import pandas as pd
 import torch
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -22,16 +24,28 @@ from patchbench.attack import (
 )
 from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
-from patchbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from patchbench.checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+    load_checkpoint,
+    save_checkpoint,
+)
 from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
 from patchbench.defense import (
     Defense,
     DefenseNotFoundError,
+    ParameterError,
     UnknownDefenseError,
     get_defense,
     registered_defenses,
 )
-from patchbench.options import DeviceType, PatchListType, flatten_patches, parse_extra_params
+from patchbench.options import (
+    CheckpointPath,
+    DeviceType,
+    PatchListType,
+    flatten_patches,
+    parse_extra_params,
+)
 from patchbench.patches import check_fits, parse_patches
 from patchbench.report import build_report, headline_block, update_readme
 from patchbench.results import ResultsError, is_finished, load_results
@@ -50,6 +64,7 @@ class PatchbenchGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
+            _handle_ctrl_c_here()
             return super().invoke(ctx)
         except DefenseNotFoundError as err:  # a mistyped name, like an unknown --dataset
             raise click.BadParameter(str(err), param_hint="'--defense'") from None
@@ -59,6 +74,20 @@ class PatchbenchGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted: finished results are kept.", err=True)
             raise click.exceptions.Exit(130) from None
+
+
+def _handle_ctrl_c_here() -> None:
+    """Ctrl-C raises KeyboardInterrupt again (``PatchbenchGroup.invoke`` turns it into exit code
+    130), instead of the start-up handler of ``patchbench.__main__`` that exits at once."""
+    if getattr(signal.getsignal(signal.SIGINT), "patchbench_startup", False):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def parameter_error(err: ValueError) -> click.UsageError:
+    """A refused defense parameter as a usage error, naming its option where it says which."""
+    if isinstance(err, ParameterError):
+        return click.BadParameter(str(err), param_hint=f"'--{err.param.replace('_', '-')}'")
+    return click.UsageError(str(err))
 
 
 @click.group(cls=PatchbenchGroup)
@@ -138,12 +167,21 @@ def make_defense(name: str, extra_args: list[str]) -> Defense:
     try:
         return cls.from_params(parse_extra_params(extra_args))
     except ValueError as err:
-        raise click.UsageError(str(err)) from None
+        raise parameter_error(err) from None
+
+
+def check_defense(defense: Defense, in_shape: tuple[int, int, int]) -> None:
+    """``Defense.check``: parameters that cannot work on these images, before any work."""
+    try:
+        defense.check(tuple(in_shape))
+    except ValueError as err:
+        raise parameter_error(err) from None
 
 
 def train_and_save(defense: Defense, dataset: str, data_dir: Path | None, download: bool,
                    config: TrainConfig, device: torch.device, output: Path) -> Path:
     data = load_dataset(dataset, "train", data_dir, download)
+    check_defense(defense, data.in_shape)
     try:
         model, metrics = train(defense, data, config, device)
     except ValueError as err:
@@ -194,8 +232,9 @@ def precision_option(fn):
 
 
 @cli.command("run", context_settings=EXTRA_ARGS)
-@click.option("--defense", "defense_lists", multiple=True, required=True,
-              help="Registered defense names, comma list (repeatable).")
+@click.option("--defense", "defense_lists", multiple=True,
+              help="Registered defense names, comma list (repeatable) [required, except with "
+                   "--checkpoint: the checkpoint's defense].")
 @click.option("--patch", "patch_lists", type=PatchListType(), multiple=True, required=True,
               help="Patch shapes, e.g. 5x5,2x12 (repeatable).")
 @click.option("--condition", callback=parse_conditions,
@@ -211,8 +250,10 @@ def precision_option(fn):
 @precision_option
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
-              help="Certify this checkpoint instead of the configuration's cached one.")
+@click.option("--checkpoint", type=CheckpointPath(),
+              help="Certify this checkpoint instead of the configuration's cached one; its "
+                   "defense, dataset and parameters are the defaults of --defense, --dataset "
+                   "and the defense parameters.")
 @click.option("--force", is_flag=True, help="Recompute finished cells (their files are replaced).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
               help="local: joblib processes on this machine; ray: Ray's joblib backend.")
@@ -235,6 +276,16 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
     cartesian product gives the cells. Finished cells are skipped (--force recomputes).
     """
     params = {k: v.split(",") for k, v in parse_extra_params(ctx.args).items()}
+    if not defense_lists:
+        if checkpoint is None:
+            raise click.MissingParameter(
+                ctx=ctx, param=next(p for p in ctx.command.params if p.name == "defense_lists"),
+                message="Name one, or pass --checkpoint.")
+        meta = checkpoint_meta(checkpoint)
+        defense_lists = (meta["defense"],)
+        if (ctx.get_parameter_source("dataset") is ParameterSource.DEFAULT
+                and meta.get("dataset") in DATASETS):
+            dataset = meta["dataset"]
     try:
         frame = run_sweep(list(defense_lists), flatten_patches(patch_lists), dataset, params,
                           split=split, n_images=n_images, conditions=condition,
@@ -341,7 +392,7 @@ def attack_options(fn):
               help="Images voted on and certified at once.")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results"), show_default=True)
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--checkpoint", type=CheckpointPath(),
               help="Attack this checkpoint instead of the configuration's trained one.")
 @click.option("--force", is_flag=True, help="Attack again if this attack's cell is finished.")
 @attack_options
@@ -379,6 +430,7 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
                                + ", ".join(f"{k}={trained[k]}" for k in clash))
     # certify-only parameters given on the command line (a threshold) apply to the model
     loaded = dataclasses.replace(loaded, defense=type(defense).from_params({**trained, **given}))
+    check_defense(loaded.defense, data.in_shape)
     budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
                              for name, (field, _, _) in ATTACK_OPTIONS.items()})
     cell = attack_cell_id(loaded, data, budget, [str(p) for p in patches])
@@ -465,11 +517,13 @@ def bench_command(ctx: click.Context, defense_names: str, shape: str, classes: i
     try:
         defenses = bench.defense_configurations(names, params)
     except ValueError as err:
-        raise click.UsageError(str(err)) from None
+        raise parameter_error(err) from None
     settings = bench.BenchSettings(shape=shape, classes=classes, batch_sizes=batch_sizes,
                                    n_shapes=n_shapes, repeats=repeats, warmup=warmup,
                                    precision=precision, channels_last=channels_last,
                                    compile=compile_model, reference=reference)
+    for configured in defenses:
+        check_defense(configured, settings.in_shape)
     measurements, rows = bench.run_bench(defenses, settings, device,
                                          log=lambda msg: click.echo(msg, err=True))
     path = bench.write_bench_rows(results_dir, rows)

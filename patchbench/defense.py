@@ -34,6 +34,15 @@ class DefenseConfig:
     """Base of every defense's parameters: a flat dataclass of numbers, strings and bools."""
 
 
+class ParameterError(ValueError):
+    """A defense parameter value that cannot work (on the images at hand). ``param`` names
+    the parameter, so that the command line can name its option (``--ablation-size``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class TrainStep:
     """Where training stands when ``Defense.loss`` is called, so that a recipe can ramp."""
@@ -65,7 +74,9 @@ class Defense(abc.ABC):
     * ``conditions``: the names of its certification conditions;
     * ``certify(model, images, patches, conditions)``: a ``Certificate``: per image and patch
       shape the defended prediction and a certified flag per condition (margins if it has);
-    * ``num_parameters(model)``: what its size is reported as.
+    * ``num_parameters(model)``: what its size is reported as;
+    * ``check(in_shape)`` (optional): refuse parameters that cannot work on images of that
+      shape (an ablation wider than the image), before any work starts.
 
     Optional features each need their own hooks (``FEATURES``); ``missing(feature)`` names the
     ones a defense lacks, and the harness reports "not supported by <defense>: <missing>":
@@ -89,6 +100,9 @@ class Defense(abc.ABC):
     # Parameters that only change how a trained model is read at certification (e.g. a vote
     # threshold): checkpoints are shared across them and they may differ at certification.
     certify_params: ClassVar[frozenset[str]] = frozenset()
+    # Parameters a reader names a configuration by (e.g. a receptive field): a report's label
+    # always shows them, and any other parameter only where it differs from its default.
+    label_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: DefenseConfig | None = None, **params: Any) -> None:
         self.config = config if config is not None else self.Config(**params)
@@ -131,6 +145,16 @@ class Defense(abc.ABC):
 
     def num_parameters(self, model: nn.Module) -> int:
         return sum(p.numel() for p in model.parameters())
+
+    def check(self, in_shape: tuple[int, int, int]) -> None:
+        """Refuse a configuration that cannot work on images of ``in_shape`` (C, H, W): raise
+        a ValueError (``ParameterError`` naming the parameter) with a one-line message.
+
+        Called by the harness for every configuration before any model is trained, loaded or
+        certified; cheap (no model is built). Checks that need no image size belong in
+        ``__init__``. The default accepts everything.
+        """
+        return None
 
     @abc.abstractmethod
     def certify(self, model: nn.Module, images: Tensor, patches: Sequence[PatchShape],

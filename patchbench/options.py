@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import click
 import torch
 
@@ -20,6 +24,28 @@ class PatchListType(click.ParamType):
             return parse_patches(value)
         except ValueError as err:
             self.fail(str(err), param, ctx)
+
+
+class CheckpointPath(click.Path):
+    """A checkpoint file: missing is left to the loader (which says so), but an existing path
+    that is no regular file (a folder, ``/dev/null``, a pipe) is refused here."""
+
+    KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"))
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx) -> Path:
+        path = super().convert(value, param, ctx)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:  # missing (or unreadable): the loader names the problem
+            return path
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in self.KINDS if test(mode)), "not a regular file")
+            self.fail(f"File {str(path)!r} is not a checkpoint file: it is {kind}", param, ctx)
+        return path
 
 
 class DeviceType(click.ParamType):

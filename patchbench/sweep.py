@@ -32,7 +32,13 @@ from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
 from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from patchbench.data import ImageData, load_dataset
-from patchbench.defense import Defense, UnknownDefenseError, get_defense, registered_defenses
+from patchbench.defense import (
+    Defense,
+    ParameterError,
+    UnknownDefenseError,
+    get_defense,
+    registered_defenses,
+)
 from patchbench.evaluate import PRECISIONS, certify_split, summarize
 from patchbench.options import DeviceType
 from patchbench.patches import PatchShape, check_fits, parse_patches
@@ -61,6 +67,12 @@ class SweepError(ValueError):
     def __init__(self, message: str, option: str | None = None) -> None:
         super().__init__(message)
         self.option = option
+
+    @classmethod
+    def of_parameter(cls, err: ValueError) -> SweepError:
+        """A defense's refusal of a parameter value, naming its option where it says which."""
+        param = err.param if isinstance(err, ParameterError) else None
+        return cls(str(err), f"--{param.replace('_', '-')}" if param else None)
 
 
 @dataclass(frozen=True)
@@ -234,11 +246,29 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
                         conditions=own_conditions[name], **common)
             cells.setdefault(cell.id, cell)
     if checkpoint is None:
+        for cell in cells.values():
+            check_configuration(classes[cell.defense], cell.params, data.in_shape)
         return list(cells.values())
     if len(cells) != 1:
         raise SweepError(f"a checkpoint is one model, but the sweep has {len(cells)} cells",
                          "--checkpoint")
-    return [with_checkpoint(next(iter(cells.values())), Path(checkpoint))]
+    cell = with_checkpoint(next(iter(cells.values())), Path(checkpoint))
+    check_configuration(classes[cell.defense], cell.params, data.in_shape)
+    return [cell]
+
+
+def check_configuration(cls: type[Defense] | None, params: dict[str, Any],
+                        in_shape: Sequence[int]) -> None:
+    """``Defense.check`` of one configuration on the images: a ValueError is the user's error
+    (nothing has run); anything else a plugin raises is left for its cell."""
+    if cls is None:
+        return
+    try:
+        cls.from_params(params).check(tuple(in_shape))
+    except ValueError as err:
+        raise SweepError.of_parameter(err) from None
+    except Exception:  # the cell raises it again and fails alone
+        return
 
 
 def defense_conditions(classes: Mapping[str, type[Defense] | None], asked: list[str] | None
@@ -327,7 +357,7 @@ def configure(cls: type[Defense] | None, given: dict[str, Any], train: dict[str,
         recipe = {**cls.train_defaults, **train}
         key = model_key(defense, dataset, TrainConfig(**recipe))
     except ValueError as err:
-        raise SweepError(str(err)) from None
+        raise SweepError.of_parameter(err) from None
     except Exception:  # the cell raises it again and fails alone
         return given, given, train, ""
     return params, {k: params[k] for k in given}, asdict(TrainConfig(**recipe)), key

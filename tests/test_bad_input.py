@@ -5,21 +5,26 @@ traceback, and writes no results.
 One table, ``BAD_INPUT``: each case once per command it applies to, with the exact exit code
 and a fragment of the message. Cases go through click's CliRunner (in-process, fast); a couple
 run ``python -m patchbench`` in a real process to prove the exit code and the absence of a
-traceback there. A real Ctrl-C of a sweep is tested in test_resume.py. Bad input that only
-``report`` and ``bench`` have (a filter that leaves nothing, bench's number lists) and bad
-sweep parameters are also in test_report.py, test_bench.py and test_sweep.py.
+traceback there, and a real Ctrl-C during the start-up imports. A real Ctrl-C of a sweep is
+tested in test_resume.py. Bad input that only ``report`` and ``bench`` have (a filter that
+leaves nothing, bench's number lists) and bad sweep parameters are also in test_report.py,
+test_bench.py and test_sweep.py.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -207,6 +212,42 @@ cases({"run": (*RUN, "--patch", "2x2"), "attack": (*ATTACK, "--patch", "2x2")}, 
 cases({"attack": (*ATTACK, "--patch", "2x2")}, {
     "no trained model": (BAGCERT, 1, "no trained model synthetic-bagcert-"),
 })
+# an existing path that holds no checkpoint is "not a checkpoint file", never "does not exist":
+# no regular file (a device, a pipe) is refused with the option, a file that is not one on load
+NOT_A_CHECKPOINT = "Invalid value for '--checkpoint': File '{0}' is not a checkpoint file: it is "
+cases({"run": (*RUN, "--patch", "2x2"), "attack": (*ATTACK, "--patch", "2x2")}, {
+    "checkpoint is /dev/null": ((*BAGCERT, "--checkpoint", "/dev/null"), 2,
+                                NOT_A_CHECKPOINT.format("/dev/null") + "a character device"),
+    "checkpoint is a named pipe": ((*BAGCERT, "--checkpoint", "{art}/fifo.pt"), 2,
+                                   NOT_A_CHECKPOINT.format("{art}/fifo.pt") + "a named pipe"),
+    "checkpoint is an empty file": ((*BAGCERT, "--checkpoint", "{art}/empty.pt"), 1,
+                                    "{art}/empty.pt is not a checkpoint file: it is empty"),
+    "checkpoint is a text file": ((*BAGCERT, "--checkpoint", "{art}/text.pt"), 1,
+                                  "{art}/text.pt is not a checkpoint file"),
+    "checkpoint is torch data of another program": (
+        (*BAGCERT, "--checkpoint", "{art}/state-dict.pt"), 1,
+        "{art}/state-dict.pt is not a checkpoint file: torch.save data, but not written by "
+        "patchbench"),
+})
+# run --checkpoint without --defense: the checkpoint's defense, dataset and parameters
+cases({"run": (*RUN, "--patch", "2x2")}, {
+    "neither defense nor checkpoint": (("--dataset", "synthetic"), 2,
+                                       "Missing option '--defense'. Name one, or pass "
+                                       "--checkpoint."),
+    "checkpoint without defense, other parameter": (("--checkpoint", "{good}", "--rf", "7"), 2,
+                                                    "checkpoint {good} was trained with rf=5, "
+                                                    "not rf=7"),
+    "checkpoint without defense, parameter of another defense": (
+        ("--checkpoint", "{good}", "--ablation-size", "2"), 2,
+        "defense 'bagcert' has no parameter(s) ['ablation_size']"),
+    "checkpoint without defense, other dataset given": (
+        ("--checkpoint", "{good}", "--dataset", "cifar10", "--data-dir", "{art}/cifar10"), 1,
+        "checkpoint {good} is for dataset 'synthetic', not 'cifar10'"),
+    "checkpoint without defense is /dev/null": (("--checkpoint", "/dev/null"), 2,
+                                                NOT_A_CHECKPOINT.format("/dev/null")),
+    "checkpoint without defense is a text file": (("--checkpoint", "{art}/text.pt"), 1,
+                                                  "{art}/text.pt is not a checkpoint file"),
+})
 
 # --- results folders: empty, unreadable, or holding a malformed file ---------------------
 RESULTS = {
@@ -295,6 +336,86 @@ cases({"train": COMMANDS["train"]}, {
                            "Invalid value for '--train-batch-size'"),
 })
 
+# --- defense parameters that cannot work (on 28x28 images): refused before any training ---
+# (``Defense.check`` and the defenses' own checks; the short recipe keeps the old code, which
+# trained and certified these, quick to fail)
+SHORT = ("--dataset", "synthetic", "--epochs", "1", "--max-train-images", "16")
+
+
+SWEPT = "one ablation size of a sweep too large"  # run and bench take lists, train does not
+
+
+def invalid(option: str, message: str) -> str:
+    return f"Invalid value for '--{option}': {message}"
+
+
+IMPOSSIBLE = {  # case -> (defense and parameters, message)
+    "column ablation of the image width": (
+        ("ds-column", "--ablation-size", "28"),
+        invalid("ablation-size", "ablation_size 28 covers the whole width of the 28x28 images: "
+                                 "ds-column needs ablation_size < 28")),
+    "row ablation beyond the image height": (
+        ("ds-row", "--ablation-size", "40"),
+        invalid("ablation-size", "ablation_size 40 covers the whole height of the 28x28 images: "
+                                 "ds-row needs ablation_size < 28")),
+    "block ablation of the image side": (
+        ("ds-block", "--ablation-size", "28"),
+        invalid("ablation-size", "ablation_size 28 covers the whole height of the 28x28 images: "
+                                 "ds-block needs ablation_size < 28")),
+    SWEPT: (
+        ("ds-column", "--ablation-size", "4,30"),
+        invalid("ablation-size", "ablation_size 30 covers the whole width")),
+    "ablation size 0": (("ds-column", "--ablation-size", "0"),
+                        invalid("ablation-size", "ablation_size must be at least 1, got 0")),
+    "smoothing width 0": (("ds-column", "--width", "0"),
+                          invalid("width", "width must be at least 1, got 0")),
+    "receptive field of the image side": (
+        ("bagcert", "--rf", "29"),
+        invalid("rf", "rf 29 covers a whole side of the 28x28 images: bagcert needs rf < 28")),
+    "receptive field without a score map": (
+        ("bagcert", "--rf", "31", "--padding", "0"),
+        invalid("rf", "rf 31 covers a whole side of the 28x28 images")),
+    "receptive field not reachable": (
+        ("bagcert", "--rf", "6"),
+        invalid("rf", "receptive field 6 is not reachable at stride 1: use an odd value")),
+    "bagcert width 0": (("bagcert", "--width", "0"),
+                        invalid("width", "width must be at least 1, got 0")),
+    "bagcert width negative": (("bagcert", "--width", "-4"),
+                               invalid("width", "width must be at least 1, got -4")),
+    "bagcert padding negative": (("bagcert", "--padding", "-1"),
+                                 invalid("padding", "padding must be >= 0, got -1")),
+    "bagcert depth negative": (("bagcert", "--blocks-1x1", "-1"),
+                               invalid("blocks-1x1", "blocks_1x1 must be >= 0, got -1")),
+    "bagcert stride not a power of two": (("bagcert", "--stride", "3"),
+                                          invalid("stride", "stride must be a power of two")),
+    "bagcert stride 0": (("bagcert", "--stride", "0"),
+                         invalid("stride", "stride must be a power of two, got 0")),
+    "bagcert training patches larger than the images": (
+        ("bagcert", "--patch-min", "29", "--patch-max", "30"),
+        invalid("patch-min", "patch_min 29 does not fit in the 28x28 images")),
+    "patchcleanser without masks": (
+        ("patchcleanser", "--masks-per-axis", "0"),
+        invalid("masks-per-axis", "masks_per_axis must be at least 2, got 0")),
+    "patchcleanser one mask of the whole image": (
+        ("patchcleanser", "--masks-per-axis", "1"),
+        invalid("masks-per-axis", "masks_per_axis must be at least 2, got 1: a single mask per "
+                                  "axis covers the whole image")),
+    "patchcleanser training on one mask": (
+        ("patchcleanser", "--train-masks-per-axis", "1"),
+        invalid("train-masks-per-axis", "train_masks_per_axis must be at least 2, got 1")),
+    "patchcleanser width 0": (("patchcleanser", "--width", "0"),
+                              invalid("width", "width must be at least 1, got 0")),
+    "patchcleanser training patches larger than the images": (
+        ("patchcleanser", "--train-patch-min", "29", "--train-patch-max", "30"),
+        invalid("train-patch-min", "train_patch_min 29 does not fit in the 28x28 images")),
+}
+cases({"run": (*RUN, *SHORT, "--patch", "2x2", "--defense"),
+       "bench": (*BENCH[:1], *BENCH[3:], "--shape", "fashion-mnist", "--defense")},
+      {name: (args, 2, message) for name, (args, message) in IMPOSSIBLE.items()})
+cases({"train": (*TRAIN, "--dataset", "synthetic", "--defense")},
+      {name: (args, 2, message) for name, (args, message) in IMPOSSIBLE.items()
+       if name != SWEPT})
+
 # --- Ctrl-C: exit 130, one line (the real signal on a real sweep: test_resume.py) --------
 INTERRUPTED = "Interrupted: finished results are kept."
 BAD_INPUT.update({
@@ -367,6 +488,11 @@ def artefacts(tmp_path_factory: pytest.TempPathFactory, checkpoints: Checkpoints
     results(found / "columns", "defense,patch\nds-column,5x5\n")
     results(found / "text", GOOD_ROWS.replace("0.375", "lots"))
     results(found / "unreadable", GOOD_ROWS).chmod(0)
+
+    os.mkfifo(art / "fifo.pt")  # never opened: refused from its file type
+    (art / "empty.pt").write_bytes(b"")
+    (art / "text.pt").write_text("weights: none\n")
+    torch.save({"weight": torch.zeros(2)}, art / "state-dict.pt")
     return {"art": str(art), "good": str(checkpoints.good),
             "truncated": str(checkpoints.truncated),
             "tampered_weights": str(checkpoints.tampered_weights),
@@ -426,6 +552,15 @@ def test_the_table_covers_every_case_of_the_issue_for_each_command() -> None:
         "rows file is garbage": {"report", "select"},
         "device cuda": {"run", "train", "attack", "bench"},
         "Ctrl-C": {"run", "train", "attack", "bench", "report", "select"},
+        # parameters that cannot work, checkpoints that are no checkpoint file, --defense
+        "column ablation of the image width": {"run", "train", "bench"},
+        "block ablation of the image side": {"run", "train", "bench"},
+        "receptive field of the image side": {"run", "train", "bench"},
+        "smoothing width 0": {"run", "train", "bench"},
+        "bagcert width 0": {"run", "train", "bench"},
+        "patchcleanser one mask of the whole image": {"run", "train", "bench"},
+        "checkpoint is /dev/null": {"run", "attack"},
+        "neither defense nor checkpoint": {"run"},
     }
     missing = [f"{command}: {case}" for case, commands in issue.items() for command in commands
                if f"{command}: {case}" not in BAD_INPUT]
@@ -450,3 +585,147 @@ def test_a_real_process_exits_cleanly(args: tuple[str, ...], code: int, fragment
     last = out.stderr.rstrip().splitlines()[-1]
     assert last.startswith("Error: ") and fragment in last, out.stderr
     assert not list(tmp_path.iterdir())
+
+
+# --- run --checkpoint without --defense: what the checkpoint holds --------------------------
+
+def test_run_takes_the_defense_dataset_and_parameters_of_its_checkpoint(
+        artefacts: dict[str, str], checkpoints: Checkpoints, tmp_path: Path) -> None:
+    result = invoke("run", "--checkpoint", artefacts["good"], "--patch", "2x2", "--n-images",
+                    "8", "--device", "cpu")
+    assert_clean_exit(result, 0)
+    rows = pd.concat(pd.read_csv(p) for p in (tmp_path / "results" / "rows").glob("*.csv"))
+    assert set(rows["defense"]) == {"bagcert"} and set(rows["dataset"]) == {"synthetic"}
+    assert set(rows["param_rf"]) == {5} and set(rows["param_width"]) == {4}  # as trained
+    assert set(rows["checkpoint_sha256"]) == {checkpoints.sha256}
+    # the same cell as with --defense and --dataset given
+    again = invoke("run", "--defense", "bagcert", "--dataset", "synthetic", "--checkpoint",
+                   artefacts["good"], "--patch", "2x2", "--n-images", "8", "--device", "cpu")
+    assert_clean_exit(again, 0)
+    assert "(1 cells: 0 computed, 1 skipped, 0 failed)" in again.stderr
+
+
+# --- Defense.check through the Python API ---------------------------------------------------
+
+def test_the_sweep_refuses_an_impossible_configuration_before_any_work(tmp_path: Path) -> None:
+    from patchbench.sweep import SweepError, run_sweep
+
+    with pytest.raises(SweepError, match="ablation_size 28 covers the whole width of the "
+                                         "28x28 images") as refused:
+        run_sweep("ds-column", "2x2", "synthetic", {"ablation_size": [4, 28]}, n_images=8,
+                  results_dir=tmp_path / "results", device="cpu", show_progress=False)
+    assert refused.value.option == "--ablation-size"
+    assert not (tmp_path / "results").exists()
+
+
+# --- Ctrl-C while the program starts (before any command runs): 130, one line -----------------
+STARTING = "Interrupted while starting: nothing was run."
+RUN_ARGS = ("run", "--defense", "bagcert", "--dataset", "synthetic", "--patch", "2x2",
+            "--device", "cpu")
+# The child stops in its first import of torch (a finder on sys.meta_path that waits there)
+# after creating a marker file: the SIGINT then lands inside the imports, however loaded the
+# machine is. It runs the console entry point the way the generated script does, or -m.
+STALL_IN_TORCH_IMPORT = r"""
+import importlib, runpy, sys, time
+
+class StallInTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            open(MARKER, "w").close()
+            time.sleep(300)
+        return None
+
+MARKER, ENTRY = sys.argv[1:3]
+sys.argv = ["patchbench", *sys.argv[3:]]
+sys.meta_path.insert(0, StallInTorchImport())
+if ENTRY == "-m":
+    runpy.run_module("patchbench", run_name="__main__", alter_sys=True)
+else:
+    module, _, function = ENTRY.partition(":")
+    sys.exit(getattr(importlib.import_module(module), function)())
+"""
+
+
+def console_entry_point() -> str:
+    """``[project.scripts] patchbench`` of pyproject.toml (what ``pip install`` makes the
+    ``patchbench`` script call), or of the installed metadata before Python 3.11."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        (entry,) = importlib.metadata.entry_points(group="console_scripts", name="patchbench")
+        return entry.value
+    with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)["project"]["scripts"]["patchbench"]
+
+
+def interrupt(command: list[str], ready, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Start ``command``, send SIGINT once ``ready()`` holds, and wait for the exit."""
+    child = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(child):
+            if child.poll() is not None or time.monotonic() > deadline:
+                child.kill()
+                out, err = child.communicate()
+                pytest.fail(f"not interrupted while importing (exit {child.returncode}): "
+                            f"{out}{err}")
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    return subprocess.CompletedProcess(command, child.returncode, out, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["console script", "-m"])
+def test_ctrl_c_during_the_imports_exits_130_with_one_line(entry: str, tmp_path: Path) -> None:
+    marker = tmp_path / "importing-torch"
+    target = console_entry_point() if entry == "console script" else "-m"
+    done = interrupt([sys.executable, "-c", STALL_IN_TORCH_IMPORT, str(marker), target,
+                      *RUN_ARGS], lambda child: marker.exists(), tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == [STARTING] and done.stdout == ""
+    assert sorted(tmp_path.iterdir()) == [marker]  # nothing else written
+
+
+def torch_is_loading(child: subprocess.Popen) -> bool:
+    """The child has mapped a file of torch's: its imports are under way (seconds of them)."""
+    try:
+        return f"{os.sep}torch{os.sep}" in Path(f"/proc/{child.pid}/maps").read_text()
+    except OSError:  # exited meanwhile
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_ctrl_c_during_the_real_imports_of_the_installed_script(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("patchbench")
+    if not script.is_file():
+        pytest.skip(f"no console script {script}")
+    module = console_entry_point().partition(":")[0]
+    if f"from {module} import" not in script.read_text():
+        pytest.skip(f"{script} predates pyproject.toml's entry point: pip install -e .")
+    done = interrupt([str(script), *RUN_ARGS], torch_is_loading, tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == [STARTING] and done.stdout == ""
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_command_hands_ctrl_c_back_to_its_own_handling() -> None:
+    """The start-up handler exits at once; inside a command, Ctrl-C must raise
+    KeyboardInterrupt again, so that the command keeps finished results and exits 130."""
+    from patchbench.__main__ import _interrupted_while_starting
+
+    previous = signal.signal(signal.SIGINT, _interrupted_while_starting)
+    try:
+        result = invoke("defenses")
+        handler = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert_clean_exit(result, 0)
+    assert handler is signal.default_int_handler
