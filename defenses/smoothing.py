@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patchbench.defense import DefenseConfig, TrainStep, VoteMapDefense
+from patchbench.defense import DefenseConfig, ParameterError, TrainStep, VoteMapDefense
 from patchbench.defenses.bases import SMALL_CNN, check_base, timm_classifier
 from patchbench.footprints import Footprints, cyclic_intervals
 from patchbench.patches import PatchShape, box_masks
@@ -193,6 +193,7 @@ class Smoothing(VoteMapDefense):
     config: SmoothingConfig
     train_defaults = {"epochs": 12, "batch_size": 128, "crop_padding": 2}
     certify_params = frozenset({"threshold"})  # softmax cut-off: applied after training
+    label_params = ("ablation_size", "threshold")
 
     def __init__(self, config: SmoothingConfig | None = None, **params) -> None:
         super().__init__(config, **params)
@@ -200,10 +201,27 @@ class Smoothing(VoteMapDefense):
             raise TypeError(f"{type(self).__name__} sets no ablation mode; use a subclass")
         c = self.config
         if c.ablation_size < 1:
-            raise ValueError(f"ablation_size must be at least 1, got {c.ablation_size}")
+            raise ParameterError("ablation_size",
+                                 f"ablation_size must be at least 1, got {c.ablation_size}")
         if not 0 < c.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {c.threshold}")
+        if c.width < 1:
+            raise ParameterError("width", f"width must be at least 1, got {c.width}")
         check_base(c.base)
+
+    def check(self, in_shape: tuple[int, int, int]) -> None:
+        """An ablation must be narrower than the image on each axis it ablates: a band (or a
+        block side) of the whole height or width keeps that axis entire, so every patch meets
+        every ablation along it."""
+        _, height, width = in_shape
+        rows, cols = ABLATED_AXES[self.mode]
+        n, axis = min((n, axis) for n, axis, ablated in ((height, "height", rows),
+                                                         (width, "width", cols)) if ablated)
+        size = self.config.ablation_size
+        if size >= n:
+            raise ParameterError("ablation_size", f"ablation_size {size} covers the whole {axis} "
+                                 f"of the {height}x{width} images: {self.name} needs "
+                                 f"ablation_size < {n}")
 
     def build_model(self, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
         return build_base_classifier(self.config.base, in_shape, num_classes, self.config.width)
@@ -279,19 +297,29 @@ class BlockSmoothing(Smoothing):
 
 
 class BaseClassifier(NamedTuple):
-    """What a smoothing checkpoint holds, for use outside the harness."""
+    """What a smoothing checkpoint holds, for use outside the harness, and the threshold the
+    caller certifies at."""
 
     model: nn.Module  # eval mode; takes ``encode(images, masks)``
     ablation_size: int
-    threshold: float
+    threshold: float | None  # the caller's certification threshold; None where none was given
     mode: str  # "column", "row" or "block"
 
 
-def load_base_classifier(path: str | Path) -> BaseClassifier:
+def load_base_classifier(path: str | Path, threshold: float | None = None) -> BaseClassifier:
     """Load the base classifier and its ablation settings from a smoothing checkpoint.
 
+    ``threshold`` is the θ the caller certifies at (a class gets an ablation's vote iff its
+    softmax >= θ); the returned ``threshold`` holds it, checked as the defense checks it
+    (0 < θ <= 1), or None where it is not given. It is never the checkpoint's: θ is a
+    certification-only parameter (``Smoothing.certify_params``), so the value stored with the
+    weights is only the one they were trained with, and one model is certified at many (a
+    sweep over ``--threshold`` reuses it); a tool that took it would certify at the wrong θ.
+    To reproduce a results row, pass the threshold of its ``params``.
+
     For reuse outside patchbench: ``ablation_masks(mode, ablation_size, (H, W))`` and
-    ``encode`` rebuild its inputs, and ``smoothed_votes`` its vote map.
+    ``encode`` rebuild its inputs, and ``smoothed_votes(model, images, mode, ablation_size,
+    threshold)`` its vote map.
     """
     from patchbench.checkpoint import load_checkpoint  # lazy: keeps this module standalone
 
@@ -299,5 +327,7 @@ def load_base_classifier(path: str | Path) -> BaseClassifier:
     defense = checkpoint.defense
     if not isinstance(defense, Smoothing):
         raise TypeError(f"{path} holds a {defense.name!r} model, not a smoothing defense")
+    if threshold is not None:  # the certify-time override, validated by the defense itself
+        defense = type(defense).from_params({**defense.params(), "threshold": threshold})
     return BaseClassifier(checkpoint.model.eval(), defense.config.ablation_size,
-                          defense.config.threshold, defense.mode)
+                          None if threshold is None else defense.config.threshold, defense.mode)

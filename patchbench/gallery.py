@@ -6,6 +6,12 @@ with the smallest margin is where a patch does the most harm. It is computed exa
 defense's own votes and footprints, so the gallery needs the checkpoint and the images; the
 patch position drawn on the image is one whose footprint is that ``R``.
 
+The defense is the one the row was certified with, not the checkpoint's: the checkpoint's
+class with the row's ``params`` (certification-only parameters such as a smoothing threshold
+may differ from those the weights were trained with, ``Defense.certify_params``), and its
+votes are computed as certification computed them, by ``evaluate.for_inference`` at the row's
+``precision``; so a run reproduced on the same device gives back its stored votes and margins.
+
 A defense of another family draws its gallery through its ``explain(model, image, patch)``
 hook, which returns an ``Explanation`` (masking: the one-mask labels and the first two-mask
 prediction that differs from the defended one); one without that hook gets a line "gallery
@@ -26,6 +32,7 @@ from patchbench.cache import SHIPPED, cache_dir
 from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from patchbench.data import DatasetFormatError, DatasetNotFoundError, ImageData, load_dataset
 from patchbench.defense import Defense, VoteMapDefense, get_defense
+from patchbench.evaluate import for_inference, precision_dtype
 from patchbench.footprints import Footprints, Interval
 from patchbench.patches import PatchShape, parse_patch
 from patchbench.per_image import certified as certified_flags
@@ -237,6 +244,7 @@ def gallery_examples(results_dir: Path, cell: pd.Series, patches: list[str], n: 
     if problem:
         raise GalleryUnsupported(problem)
     checkpoint, per_image, data = gallery_inputs(results_dir, cell, datasets)
+    precision = cell_precision(cell)
     patch = gallery_patch(patches)
     if prediction_column(per_image, patch) is None:
         raise GalleryUnavailable(f"its per-image table has no prediction for {patch}")
@@ -246,13 +254,17 @@ def gallery_examples(results_dir: Path, cell: pd.Series, patches: list[str], n: 
     except IndexError:
         raise GalleryUnavailable(f"its per-image table names images beyond the {len(data)} "
                                  f"of {data.name} {data.split}") from None
-    if not isinstance(checkpoint.defense, VoteMapDefense):
-        defense = row_defense(cell)
-        return checkpoint, explanations(defense if type(defense) is type(checkpoint.defense)
-                                        else checkpoint.defense, checkpoint.model, rows,
-                                        images, patch)
-    with torch.no_grad():
-        votes = checkpoint.defense.votes(checkpoint.model, images).cpu().numpy().astype(bool)
+    # the model and inputs as certify_split ran them (BatchNorm folded, cast to precision)
+    model, inputs = for_inference(checkpoint.model, precision), images.to(
+        precision_dtype(precision))
+    try:
+        if not isinstance(checkpoint.defense, VoteMapDefense):
+            return checkpoint, explanations(checkpoint.defense, model, rows, inputs, patch)
+        with torch.no_grad():
+            votes = checkpoint.defense.votes(model, inputs).cpu().numpy().astype(bool)
+    except RuntimeError as err:  # e.g. an older torch without fp16 convolutions on a CPU
+        raise GalleryUnavailable(f"its {precision} forward passes fail here: "
+                                 f"{str(err).splitlines()[0] if str(err) else err!r}") from None
     image_hw = (images.shape[-2], images.shape[-1])
     fp = checkpoint.defense.footprints(patch, image_hw)
     stored_column = f"margin_tight_{patch}"
@@ -269,6 +281,32 @@ def gallery_examples(results_dir: Path, cell: pd.Series, patches: list[str], n: 
             position=patch_position(checkpoint.defense, patch, image_hw, footprint),
             votes_match=stored == votes[k].sum(axis=(1, 2)).tolist()))
     return checkpoint, examples
+
+
+def cell_precision(cell: pd.Series) -> str:
+    """The precision a results row's votes were computed in (fp32 for rows without one);
+    GalleryUnavailable for one that ``evaluate`` does not know."""
+    precision = cell.get("precision")
+    precision = precision if isinstance(precision, str) and precision else "fp32"
+    try:
+        precision_dtype(precision)
+    except ValueError as err:
+        raise GalleryUnavailable(f"its rows name {err}") from None
+    return precision
+
+
+def cell_defense(checkpoint: Checkpoint, cell: pd.Series) -> Checkpoint:
+    """The checkpoint's weights read by the defense the row was certified with: the
+    checkpoint's defense class built from the row's ``params`` (the checkpoint's own for any
+    the row lacks), as ``sweep.run_cell`` builds it; GalleryUnavailable where they are
+    malformed or refused by the defense."""
+    try:
+        params = {**checkpoint.defense.params(), **parse_params(cell.get("params"))}
+        defense = type(checkpoint.defense).from_params(params)
+    except (ValueError, TypeError) as err:
+        raise GalleryUnavailable(f"its params do not build {checkpoint.defense.name}: "
+                                 f"{str(err).splitlines()[0] if str(err) else err!r}") from None
+    return dataclasses.replace(checkpoint, defense=defense)
 
 
 def prediction_column(per_image: pd.DataFrame, patch: PatchShape) -> str | None:
@@ -293,8 +331,9 @@ def explanations(defense: Defense, model: torch.nn.Module, rows: pd.DataFrame,
 
 def gallery_inputs(results_dir: Path, cell: pd.Series, datasets: dict[tuple[str, str], ImageData]
                    ) -> tuple[Checkpoint, pd.DataFrame, ImageData]:
-    """Checkpoint, per-image table and dataset split of a results row; GalleryUnavailable
-    (one line) when one of them is missing or unusable."""
+    """Checkpoint (read by the row's defense, ``cell_defense``), per-image table and dataset
+    split of a results row; GalleryUnavailable (one line) when one of them is missing or
+    unusable."""
     sha = cell.get("checkpoint_sha256")
     if not isinstance(sha, str) or not sha:
         raise GalleryUnavailable("its rows carry no checkpoint hash")
@@ -312,6 +351,7 @@ def gallery_inputs(results_dir: Path, cell: pd.Series, datasets: dict[tuple[str,
     except (CheckpointError, DatasetNotFoundError, DatasetFormatError, OSError, EOFError,
             KeyError, ValueError) as err:
         raise GalleryUnavailable(str(err).strip("'").splitlines()[0]) from None
+    checkpoint = cell_defense(checkpoint, cell)
     problem = unsupported(checkpoint.defense)
     if problem:
         raise GalleryUnsupported(problem)

@@ -209,12 +209,34 @@ def test_load_base_classifier_reads_a_real_checkpoint(tmp_path):
     path = tmp_path / "block.pt"
     save_checkpoint(path, defense, model, {"dataset": "synthetic", "in_shape": [1, 8, 8],
                                            "classes": ["a", "b"]})
-    base = load_base_classifier(path)
+    base = load_base_classifier(path, threshold=0.4)
     assert base[1:] == (3, 0.4, "block")
     assert not base.model.training
     images = torch.rand(2, 1, 8, 8)
-    assert torch.equal(smoothed_votes(base.model, images, base.mode, 3, 0.4),
+    assert torch.equal(smoothed_votes(base.model, images, base.mode, 3, base.threshold),
                        defense.votes(model, images))
+
+
+def test_load_base_classifier_holds_the_callers_threshold_not_the_trained_one(tmp_path):
+    """The threshold is certification-only: the checkpoint's (0.4, from training) is never
+    handed out; the caller's is, checked as the defense checks it."""
+    torch.manual_seed(0)
+    trained = ColumnSmoothing(ablation_size=2, threshold=0.4, width=4)
+    model = trained.build_model((1, 8, 8), 2).eval()
+    path = tmp_path / "column.pt"
+    save_checkpoint(path, trained, model, {"dataset": "synthetic", "in_shape": [1, 8, 8],
+                                           "classes": ["a", "b"]})
+    assert load_base_classifier(path)[1:] == (2, None, "column")
+    base = load_base_classifier(path, 0.7)
+    assert base[1:] == (2, 0.7, "column")
+    images = torch.rand(3, 1, 8, 8)
+    certified_at = ColumnSmoothing(ablation_size=2, threshold=0.7, width=4)
+    votes = smoothed_votes(base.model, images, base.mode, 2, base.threshold)
+    assert torch.equal(votes, certified_at.votes(model, images))
+    assert not torch.equal(votes, trained.votes(model, images))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="threshold must be in"):
+            load_base_classifier(path, bad)
 
 
 def test_load_base_classifier_refuses_a_bagcert_checkpoint(tmp_path):
