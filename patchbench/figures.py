@@ -11,14 +11,17 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from patchbench.atomic import atomic_path
 from patchbench.gallery import Example, Explanation
+from patchbench.stats import INTERVAL, half_width, wilson
 from patchbench.tables import condition_columns, ordered
 
 CERTIFIED = "certified (%)"  # the long frame's value column
+ERROR_BARS = f"error bars: {INTERVAL}"  # the caption of a figure with error bars
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -32,31 +35,94 @@ def save(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
+def interval_points(accuracy: float, n: float) -> tuple[float, float]:
+    """The 95% Wilson interval, in percent, of an accuracy (percent) over ``n`` images,
+    counting round(accuracy / 100 * n) successes; (nan, nan) without a count or a value."""
+    if pd.isna(accuracy) or pd.isna(n) or int(n) <= 0:
+        return math.nan, math.nan
+    n = int(n)
+    low, high = wilson(min(n, max(0, round(accuracy / 100 * n))), n)
+    return 100 * low, 100 * high
+
+
+def hue_palette(levels: list[str]) -> dict[str, tuple[float, float, float]]:
+    """The colours seaborn would give these hue levels by default: the colour cycle, or husl
+    where there are more levels than it has colours."""
+    cycle = sns.color_palette()
+    colors = (sns.color_palette(n_colors=len(levels)) if len(levels) <= len(cycle)
+              else sns.color_palette("husl", len(levels)))
+    return dict(zip(levels, colors, strict=True))
+
+
 def patch_size_curves(long: pd.DataFrame, path: Path) -> None:
-    """Certified accuracy vs square patch side: a line per configuration, a dash per condition."""
-    squares = long[long["patch_h"] == long["patch_w"]]
+    """Certified accuracy vs square patch side: a line per configuration, a dash per condition,
+    each point with its 95% Wilson interval."""
+    save(patch_size_figure(long), path)
+
+
+def pooled(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per ``keys``: the certified accuracy of its rows weighted by their images and
+    the images summed (the plain mean and no count where a row lacks its count)."""
+    def pool(group: pd.DataFrame) -> pd.Series:
+        n = group["n_images"]
+        if len(group) == 1 or n.isna().any() or n.sum() <= 0:
+            return pd.Series({CERTIFIED: group[CERTIFIED].mean(),
+                              "n_images": n.iloc[0] if len(group) == 1 else math.nan})
+        return pd.Series({CERTIFIED: (group[CERTIFIED] * n).sum() / n.sum(),
+                          "n_images": n.sum()})
+    out = [{**dict(zip(keys, key, strict=True)), **pool(group)}
+           for key, group in rows.groupby(keys, sort=False)]
+    return pd.DataFrame(out, columns=[*keys, CERTIFIED, "n_images"])
+
+
+def patch_size_figure(long: pd.DataFrame) -> Figure:
+    """What ``patch_size_curves`` draws. Rows of the same configuration, condition and side are
+    pooled (``pooled``)."""
+    squares = long[long["patch_h"] == long["patch_w"]].dropna(subset=[CERTIFIED])
+    points = pooled(squares, ["config", "condition", "patch_h"])
+    configs = list(dict.fromkeys(points["config"]))
+    palette = hue_palette(configs)
     fig = new_figure(7.5, 4.5)
     with sns.axes_style("whitegrid"):
         ax = fig.subplots()
-        sns.lineplot(data=squares, x="patch_h", y=CERTIFIED, hue="config", style="condition",
-                     style_order=ordered(set(squares["condition"])), markers=True, ax=ax)
+        sns.lineplot(data=points, x="patch_h", y=CERTIFIED, hue="config", hue_order=configs,
+                     palette=palette, style="condition",
+                     style_order=ordered(set(points["condition"])), markers=True,
+                     errorbar=None, ax=ax)
+    for (config, _), line in points.groupby(["config", "condition"], sort=False):
+        line = line.sort_values("patch_h")
+        bounds = [interval_points(a, n) for a, n in zip(line[CERTIFIED], line["n_images"],
+                                                         strict=True)]
+        low, high = (np.array(b, dtype=float) for b in zip(*bounds, strict=True))
+        y = line[CERTIFIED].to_numpy(dtype=float)
+        shown = ~np.isnan(low)
+        if shown.any():
+            ax.errorbar(line["patch_h"].to_numpy(dtype=float)[shown], y[shown],
+                        yerr=[y[shown] - low[shown], high[shown] - y[shown]], fmt="none",
+                        ecolor=palette[config], elinewidth=1, capsize=3, alpha=0.7, zorder=1)
     ax.set(xlabel="square patch side (pixels)", ylabel="certified accuracy (%)",
-           ylim=(0, 100), title="Certified accuracy vs patch size")
+           ylim=(0, 100), title=f"Certified accuracy vs patch size\n({ERROR_BARS})")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
-    save(fig, path)
+    return fig
 
 
 def shape_heatmaps(long: pd.DataFrame, path: Path, primary: dict[str, str]) -> None:
     """One height x width heatmap of certified accuracy per configuration, under its defense's
-    primary condition (``primary``: defense -> condition)."""
+    primary condition (``primary``: defense -> condition); the suptitle gives the widest 95%
+    interval of its cells."""
+    save(shape_figure(long, primary), path)
+
+
+def shape_figure(long: pd.DataFrame, primary: dict[str, str]) -> Figure:
+    """What ``shape_heatmaps`` draws."""
     rows = long[long["condition"] == long["defense"].map(primary)]
     configs = list(dict.fromkeys(rows["config"]))
     shown = list(dict.fromkeys(rows["condition"]))
     n_cols = min(3, len(configs))
     n_rows = math.ceil(len(configs) / n_cols)
     fig = new_figure(4.2 * n_cols, 3.6 * n_rows)
-    axes = fig.subplots(n_rows, n_cols, squeeze=False).flat
+    axes = list(fig.subplots(n_rows, n_cols, squeeze=False).flat)
     for ax, config in zip(axes, configs, strict=False):
         grid = rows[rows["config"] == config].pivot_table(index="patch_h", columns="patch_w",
                                                           values=CERTIFIED)
@@ -66,10 +132,25 @@ def shape_heatmaps(long: pd.DataFrame, path: Path, primary: dict[str, str]) -> N
         cond = rows.loc[rows["config"] == config, "condition"].iloc[0]
         ax.set(xlabel="patch width", ylabel="patch height",
                title=config if len(shown) == 1 else f"{config} ({cond})")
-    for ax in list(axes)[len(configs):]:
+    for ax in axes[len(configs):]:
         ax.set_visible(False)
-    fig.suptitle(f"Certified accuracy (%) by patch shape ({', '.join(shown)})", fontsize=10)
-    save(fig, path)
+    widest = widest_interval(rows)
+    fig.suptitle(f"Certified accuracy (%) by patch shape ({', '.join(shown)})"
+                 + (f"; 95% intervals within ±{widest:.1f} points"
+                    if not math.isnan(widest) else ""), fontsize=10)
+    return fig
+
+
+def widest_interval(rows: pd.DataFrame) -> float:
+    """The largest 95% Wilson half-width, in points, of the rows' certified accuracies over
+    their ``n_images``; nan where none has both."""
+    if "n_images" not in rows:
+        return math.nan
+    widths = [100 * half_width(a / 100, int(n))
+              for a, n in zip(rows[CERTIFIED], rows["n_images"], strict=True)
+              if not (pd.isna(a) or pd.isna(n))]
+    widths = [w for w in widths if not math.isnan(w)]
+    return max(widths) if widths else math.nan
 
 
 def time_vs_parameters(configs: pd.DataFrame, path: Path, x: str, y: str) -> None:
@@ -95,7 +176,13 @@ OTHER_COLORS = ("#2a9d4b", "#8fd19e", "#7b3fa0", "#c9a0dc")  # conditions known 
 
 def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
     """Per configuration, per patch shape: clean, attacked and certified accuracy as bars, on
-    the attacked images; a configuration with soundness violations is titled in red."""
+    the attacked images, each with its 95% Wilson interval; a configuration with soundness
+    violations is titled in red."""
+    save(attacks_figure(attacks), path)
+
+
+def attacks_figure(attacks: pd.DataFrame) -> Figure:
+    """What ``certified_vs_attacked`` draws."""
     measures = {**ATTACK_MEASURES, **{
         c: f"certified ({c.removesuffix(' (%)')})"
         for c in condition_columns(attacks, ("clean (%)", "empirical (%)"))
@@ -103,9 +190,10 @@ def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
     colors = {**ATTACK_COLORS, **dict(zip([m for m in measures.values()
                                            if m not in ATTACK_COLORS],
                                           OTHER_COLORS * 4, strict=False))}
-    long = attacks.melt(id_vars=["config", "patch", "violations"],
-                        value_vars=[c for c in measures if c in attacks],
-                        var_name="measure", value_name="accuracy (%)")
+    frame = attacks if "images" in attacks else attacks.assign(images=math.nan)
+    long = frame.melt(id_vars=["config", "patch", "violations", "images"],
+                      value_vars=[c for c in measures if c in attacks],
+                      var_name="measure", value_name="accuracy (%)")
     long["measure"] = long["measure"].map(measures)
     configs = list(dict.fromkeys(attacks["config"]))
     n_cols = min(3, len(configs))
@@ -116,9 +204,11 @@ def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
     for ax, config in zip(axes, configs, strict=False):
         mine = long[long["config"] == config].dropna(subset=["accuracy (%)"])
         if not mine.empty:
-            sns.barplot(data=mine, x="patch", y="accuracy (%)", hue="measure",
-                        hue_order=[m for m in measures.values() if m in set(mine["measure"])],
-                        palette=colors, ax=ax)
+            order = list(dict.fromkeys(mine["patch"]))
+            hue_order = [m for m in measures.values() if m in set(mine["measure"])]
+            sns.barplot(data=mine, x="patch", y="accuracy (%)", hue="measure", order=order,
+                        hue_order=hue_order, palette=colors, errorbar=None, ax=ax)
+            bar_intervals(ax, mine, order, hue_order)
         broken = int(attacks.loc[attacks["config"] == config, "violations"].fillna(0).sum())
         ax.set(ylim=(0, 100), xlabel="patch", ylabel="accuracy (%)",
                title=config + (f": {broken} VIOLATION(S)" if broken else ""))
@@ -129,8 +219,37 @@ def certified_vs_attacked(attacks: pd.DataFrame, path: Path) -> None:
                       frameon=False)
     for ax in axes[len(configs):]:
         ax.set_visible(False)
-    fig.suptitle("Certified vs attacked accuracy, on the attacked images", fontsize=10)
-    save(fig, path)
+    fig.suptitle(f"Certified vs attacked accuracy, on the attacked images\n({ERROR_BARS})",
+                 fontsize=10)
+    return fig
+
+
+def bar_intervals(ax: Axes, bars: pd.DataFrame, order: list[str], hue_order: list[str]) -> None:
+    """Error bars on the bars that seaborn drew of ``bars`` (a row per patch and measure with
+    its ``accuracy (%)`` over ``images``): its containers follow ``hue_order``, and a bar
+    stands over the position of its patch in ``order`` (dodged by less than half a step)."""
+    rows = {(p, m): (a, n) for p, m, a, n in zip(bars["patch"], bars["measure"],
+                                                 bars["accuracy (%)"], bars["images"],
+                                                 strict=True)}
+    xs, ys, low, high = [], [], [], []
+    drawn = [c for c in ax.containers if isinstance(c, BarContainer)]
+    for measure, container in zip(hue_order, drawn, strict=False):
+        for bar in container:
+            centre = bar.get_x() + bar.get_width() / 2
+            key = (order[int(round(centre))], measure)
+            if key not in rows:
+                continue
+            accuracy, n = rows[key]
+            lo, hi = interval_points(accuracy, n)
+            if math.isnan(lo):
+                continue
+            xs.append(centre)
+            ys.append(accuracy)
+            low.append(accuracy - lo)
+            high.append(hi - accuracy)
+    if xs:
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor="#333333", elinewidth=0.8,
+                    capsize=2, zorder=3)
 
 
 def gallery_figure(examples: list[Example] | list[Explanation], classes: list[str], title: str,
