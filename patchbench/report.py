@@ -30,8 +30,10 @@ import pandas as pd
 
 from patchbench.atomic import atomic_path
 from patchbench.cache import LEGACY_RECIPE_FIELDS
+from patchbench.choice import RULE, Choice, config_identity, val_choices
 from patchbench.claims import talk_sentence, talk_table
 from patchbench.data import ImageData
+from patchbench.findings import attack_sentences, findings
 from patchbench.gallery import (
     Example,
     Explanation,
@@ -39,6 +41,9 @@ from patchbench.gallery import (
     GalleryUnsupported,
     gallery_examples,
 )
+from patchbench.integrity import chance_levels, check_integrity
+from patchbench.labels import config_label
+from patchbench.paired import PairedTests
 from patchbench.results import (
     CERTIFIED,
     EMPIRICAL,
@@ -47,18 +52,18 @@ from patchbench.results import (
     load_results,
     metric_of,
     per_image_path,
+    read_rows,
 )
+from patchbench.stats import INTERVAL, wilson
 from patchbench.tables import (
     OWN_PREFIX,
     TIME,
     Table,
     accuracy_table,
-    attack_sentences,
     attack_table,
     column,
     configs_table,
     configurations,
-    findings,
     gain_table,
     headline_table,
     parse_params,
@@ -89,6 +94,8 @@ class Selected:
     empirical: pd.DataFrame  # newest attack row per configuration, split and shape
     runs: pd.DataFrame  # every certification row, to match attacks with
     params: dict[str, dict]  # configuration key -> its parameters and training recipe
+    choices: dict[tuple[str, str], Choice]  # (dataset, defense) -> its choice on val
+    chance: dict[str, float]  # cell -> share of its images in the most common class
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
@@ -101,10 +108,16 @@ def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
     leaves nothing, or an output folder that cannot be written.
     """
     results_dir, out = Path(results_dir), Path(out_dir)
-    rows = select(check_rows(load_results(results_dir), results_dir), results_dir, dataset,
-                  defense)
+    rows = check_rows(load_results(results_dir), results_dir)
+    val = validation_rows(results_dir, rows)
+    if (text_column(rows, "split") != "val").any():  # val rows choose; test rows report
+        rows = rows[text_column(rows, "split") != "val"]
+    rows = select(rows, results_dir, dataset, defense)
     failed = failures(results_dir, dataset, defense)
-    selected = split_and_name(rows, results_dir)
+    choices = val_choices(val[wanted(val["dataset"], dataset) & wanted(val["defense"], defense)]
+                          if len(val) else val)
+    check_integrity(rows, results_dir)
+    selected = split_and_name(rows, results_dir, choices, chance_levels(rows, results_dir))
     filters = " ".join(f"--{k} {v}" for k, v in (("dataset", dataset), ("defense", defense))
                        if v)
     try:
@@ -149,6 +162,23 @@ def check_rows(rows: pd.DataFrame, source: Path) -> pd.DataFrame:
     return good
 
 
+VALIDATION = "validation"  # <results>/validation/<study>/rows/: the rows settings are chosen on
+
+
+def validation_rows(results_dir: Path, rows: pd.DataFrame) -> pd.DataFrame:
+    """The certification rows of the ``val`` split: those under ``<results>/validation/``
+    (one folder per selection study) and any beside the test rows; typed like ``rows``."""
+    files = sorted((results_dir / VALIDATION).glob("**/rows/*.csv"))
+    found = [rows[text_column(rows, "split") == "val"]]
+    for path in files:
+        folder = path.parent.parent
+        typed = check_rows(read_rows(path), folder)
+        found.append(typed[(text_column(typed, "split") == "val")
+                           & (typed["metric"] == CERTIFIED)])
+    val = pd.concat(found, ignore_index=True)
+    return val[val["metric"] == CERTIFIED]
+
+
 def select(rows: pd.DataFrame, source: Path, dataset: str | None,
            defense: str | None) -> pd.DataFrame:
     """The rows of the asked datasets and defenses; a one-line error when none are left."""
@@ -179,7 +209,8 @@ def failures(results_dir: Path, dataset: str | None, defense: str | None) -> pd.
     return failed[["cell", "defense", "dataset", "reason", "timestamp"]].reset_index(drop=True)
 
 
-def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
+def split_and_name(rows: pd.DataFrame, source: Path, choices: dict[tuple[str, str], Choice],
+                   chance: dict[str, float]) -> Selected:
     """Certified and empirical rows, newest per configuration and shape, named and ordered.
 
     A configuration is (dataset, defense, parameters, checkpoint), the same for a model's
@@ -188,11 +219,14 @@ def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
     ``metric`` column (older files) are certified ones.
     """
     sha, text = text_column(rows, "checkpoint_sha256"), text_column(rows, "params")
-    rows = rows.assign(config_key=rows["dataset"] + "|" + rows["defense"] + "|" + text + "|"
-                       + sha, sha=sha, split_key=text_column(rows, "split"),
+    try:
+        key = config_identity(rows)
+    except ValueError:
+        raise ResultsError(f"results in {source} hold malformed params") from None
+    rows = rows.assign(config_key=key, sha=sha, split_key=text_column(rows, "split"),
                        cell_key=text_column(rows, "cell"))
     recipe = text_column(rows, "train_config")
-    params, described = {}, {}
+    params, recipes, described = {}, {}, {}
     # the training recipe of a configuration is in its certification rows (attack rows lack it)
     for key, blob, train in sorted(zip(rows["config_key"], text, recipe, strict=True),
                                    key=lambda r: not r[2]):
@@ -201,11 +235,12 @@ def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
                 params[key] = parse_params(blob)
                 # recipe fields added after a row was written take their defaults, which
                 # reproduce what training did before they existed (as in ``cache.model_key``)
-                described[key] = {**RECIPE_DEFAULTS, **parse_params(train), **params[key]}
+                recipes[key] = {**RECIPE_DEFAULTS, **parse_params(train)}
+                described[key] = {**recipes[key], **params[key]}
             except ValueError:
                 raise ResultsError(f"results in {source} hold malformed params or "
                                    f"train_config {(blob or train)[:60]!r}") from None
-    names, order = config_names(rows.drop_duplicates("config_key"), described)
+    names, order = config_names(rows.drop_duplicates("config_key"), params, recipes)
     rows = rows.assign(config=rows["config_key"].map(names),
                        rank=rows["config_key"].map(order))
     runs = rows[rows["metric"] == CERTIFIED]
@@ -221,22 +256,24 @@ def split_and_name(rows: pd.DataFrame, source: Path) -> Selected:
                            f"{EMPIRICAL_VALUES[0]}")
     empirical = newest(attacked.assign(empirical_accuracy=value),
                        ["config_key", "split_key", "patch"])
-    return Selected(certified, empirical, runs, described)
+    return Selected(certified, empirical, runs, described, choices, chance)
 
 
-def config_names(configs: pd.DataFrame, params: dict[str, dict]
+def config_names(configs: pd.DataFrame, params: dict[str, dict], recipes: dict[str, dict]
                  ) -> tuple[dict[str, str], dict[str, int]]:
-    """Short unique names (the defense and the parameters, or training settings, that vary
-    among its configurations) and a reading order (dataset, defense, those values)."""
+    """Unique labels (``labels.config_label``: the same in every report) and a reading order
+    (dataset, defense, then the values of the parameters that vary among its configurations)."""
     names, sort_keys = {}, {}
+    precision = text_column(configs, "precision")
     for defense, group in configs.groupby("defense", sort=False):
         keys = list(group["config_key"])
-        varying = [n for n in dict.fromkeys(n for k in keys for n in params[k])
-                   if len({json.dumps(params[k].get(n)) for k in keys}) > 1]
-        for key, dataset in zip(keys, group["dataset"], strict=True):
-            values = [params[key].get(n) for n in varying]
-            names[key] = " ".join([defense, *(f"{n}={v}" for n, v in zip(varying, values,
-                                                                          strict=True))])
+        described = {k: {**recipes[k], **params[k]} for k in keys}
+        varying = [n for n in dict.fromkeys(n for k in keys for n in described[k])
+                   if len({json.dumps(described[k].get(n)) for k in keys}) > 1]
+        for key, dataset, cert in zip(keys, group["dataset"], precision[group.index],
+                                      strict=True):
+            values = [described[key].get(n) for n in varying]
+            names[key] = config_label(defense, params[key], recipes[key], cert or "fp32")
             sort_keys[key] = (dataset, defense, [(0, v) if isinstance(v, int | float) else
                                                  (1, str(v)) for v in values])
     if configs["dataset"].nunique() > 1:
@@ -267,14 +304,22 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
     certified, empirical, params = selected.certified, selected.empirical, selected.params
     configs = all_configurations(certified, empirical)
     tables, figures_dir = out / "tables", out / "figures"
-    attacks = (attack_table(empirical, selected.runs, per_image_reader(results_dir))
-               if len(empirical) else None)
+    read = per_image_reader(results_dir)
+    attacks = attack_table(empirical, selected.runs, read) if len(empirical) else None
+    paired = PairedTests(certified, read)
+    chance = chance_of(configs, certified, selected.chance)
+    chosen, choice_notes = chosen_configs(configs, selected.choices, chance)
+    configs = configs.assign(**{"chosen on val": [chosen_status(row, chosen, selected.choices)
+                                                  for row in configs.to_dict("records")],
+                                "chance (%)": configs["key"].map(chance)})
     sentences, talk = [], None
     if len(certified):
         accuracy = accuracy_table(certified)
-        gains = gain_table(accuracy.frame)
-        sentences += findings(accuracy.frame, configs, gains, params)
-        talk = talk_table(accuracy.frame, configs, gains.frame if gains else None, params)
+        gains = gain_table(accuracy.frame, paired)
+        sentences += findings(accuracy.frame, configs, gains, params, chosen, paired)
+        sentences += chance_sentences(configs)
+        talk = talk_table(accuracy.frame, configs, params, chosen, paired,
+                          bench_rows(results_dir))
         if talk is not None:
             sentences.append(talk_sentence(talk))
     if attacks is not None:
@@ -292,14 +337,24 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
                   f"{int(attacks.frame['violations'].sum())} certified image(s); see "
                   "[Certified vs attacked](#certified-vs-attacked).", ""]
     lines += ["## Findings", "", *(f"- {s}" for s in sentences), ""]
-    headline = headline_table(accuracy.frame, configs) if len(certified) else None
+    headline = (headline_table(accuracy.frame, configs, chosen, choice_notes)
+                if len(certified) else None)
     if headline is not None:
-        lines += ["## Headline", "", *table_lines(headline, tables)]
+        lines += ["## Headline", "",
+                  f"One configuration per defense, chosen on `val` by the study's rule ({RULE}); "
+                  "the numbers are its test results. The test set chooses nothing.", "",
+                  *table_lines(headline, tables)]
+    elif len(certified):
+        lines += ["## Headline", "", "_No configuration was chosen on val (no `val` rows under "
+                  f"`{results_dir / VALIDATION}`): no headline, nothing is ranked._",
+                  *(f"- {n}" for n in choice_notes), ""]
     if len(certified) and talk is not None:
-        lines += ["## Compared with the talk (CIFAR-10)", "",
-                  "Each claim of the talk that started the project, the same quantity measured "
-                  "here, and a verdict by the rule in the last column.", "",
-                  *table_lines(talk, tables)]
+        lines += ["## The talk's CIFAR-10 claims beside this dataset's numbers", "",
+                  "The talk that started the project measured BagCert on CIFAR-10 (32x32 colour "
+                  "images, a V100); this report's dataset differs, so its numbers are not "
+                  "expected to match the talk's and no verdict is given on them. A verdict is "
+                  "given only on what a claim says qualitatively (more, grows, slower), by the "
+                  "rule in the last column.", "", *table_lines(talk, tables)]
     lines += ["## Configurations", "",
               *table_lines(configs_table(configs, per_shape_clean(certified)), tables)]
     if len(certified):
@@ -354,13 +409,17 @@ def update_readme(readme: str | Path, out_dir: str | Path) -> None:
     if not path.is_file():
         raise ResultsError(f"the report in {out} has no headline table (no 5x5 certification "
                            "rows)")
-    frame = pd.read_csv(path)
+    frame = rendered(pd.read_csv(path, dtype={"parameters": "Int64"}))
     link = Path(os.path.relpath(out, readme.parent)).as_posix()
     lines = [f"{README_START}: written by `patchbench report --readme`; do not edit -->",
              "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns),
-             *("| " + " | ".join(row) + " |" for row in frame.map(fmt).itertuples(index=False)),
-             "", f"Time: certifying 10,000 images for every patch shape and condition of the "
-             f"configuration's run. Full report: [{link}/report.md]({link}/report.md).", ""]
+             *("| " + " | ".join(row) + " |" for row in frame.itertuples(index=False)),
+             "", f"One configuration per defense, chosen on `val` ({RULE}); test numbers with "
+             f"their {INTERVAL}s. Certified accuracy: the share of all test images that are "
+             "classified correctly and certified for every position of the patch. Time: "
+             "certifying 10,000 images for every patch shape and condition of the "
+             "configuration's run (separate runs, not a speed ranking). Full report: "
+             f"[{link}/report.md]({link}/report.md).", ""]
     for name, caption in (("certified_vs_patch_size.png", "Certified accuracy vs patch size"),
                           ("certified_vs_attacked.png", "Certified vs attacked accuracy")):
         if (out / "figures" / name).is_file():
@@ -403,6 +462,83 @@ def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Ta
                                    figures_dir / "time_vs_parameters.png", "parameters", TIME)
         lines += figure_lines("Certification time vs parameters", "time_vs_parameters.png")
     return lines
+
+
+BENCH = "bench"  # <results>/bench/rows/: the benchmark runs speeds are compared with
+
+
+def bench_rows(results_dir: Path) -> pd.DataFrame:
+    """Throughput rows (median images per second) of the benchmark runs beside the results;
+    empty without any."""
+    try:
+        rows = load_results(results_dir / BENCH)
+    except ResultsError:
+        return pd.DataFrame()
+    keep = (metric_of(rows) == "images_per_second") & (text_column(rows, "statistic")
+                                                      == "median")
+    return rows[keep]
+
+
+def chance_of(configs: pd.DataFrame, certified: pd.DataFrame,
+              chance: dict[str, float]) -> dict[str, float]:
+    """Configuration key -> chance level (%) of its test images: the most common class's
+    share, the largest over its certification cells."""
+    cells = certified.groupby("config_key")["cell_key"].agg(set) if len(certified) else {}
+    out = {}
+    for key in configs["key"]:
+        levels = [chance[c] for c in cells.get(key, ()) if c in chance]
+        if levels:
+            out[key] = 100 * max(levels)
+    return out
+
+
+def chosen_configs(configs: pd.DataFrame, choices: dict[tuple[str, str], Choice],
+                   chance: dict[str, float]) -> tuple[dict[tuple[str, str], str], list[str]]:
+    """(dataset, defense) -> the label of the configuration chosen on val, for those whose
+    choice has test rows and beats chance; and a note for every defense left without one."""
+    rows = {r["key"]: r for r in configs.to_dict("records")}
+    chosen, notes = {}, []
+    for dataset, defense in dict.fromkeys(zip(configs["dataset"], configs["defense"],
+                                              strict=True)):
+        choice = choices.get((dataset, defense))
+        where = f"{defense} on {dataset}"
+        if choice is None:
+            notes.append(f"{where}: not chosen on val (no `val` rows); not in the headline "
+                         "and not ranked.")
+        elif choice.key not in rows:
+            notes.append(f"{where}: the configuration chosen on val has no test rows here.")
+        elif at_chance(rows[choice.key], chance):
+            notes.append(f"{where}: the configuration chosen on val, "
+                         f"{rows[choice.key]['config']}, is at or below chance on test "
+                         "(clean accuracy no better than always predicting the most common "
+                         "class); not headlined.")
+        else:
+            chosen[(dataset, defense)] = rows[choice.key]["config"]
+    return chosen, notes
+
+
+def at_chance(config: dict, chance: dict[str, float]) -> bool:
+    level = chance.get(config["key"])
+    return level is not None and config["clean (%)"] <= level
+
+
+def chosen_status(config: dict, chosen: dict[tuple[str, str], str],
+                  choices: dict[tuple[str, str], Choice]) -> str:
+    """"yes", "no" (val chose another) or "no val rows", for the configurations table."""
+    where = (config["dataset"], config["defense"])
+    if chosen.get(where) == config["config"]:
+        return "yes"
+    return "no" if where in choices else "no val rows"
+
+
+def chance_sentences(configs: pd.DataFrame) -> list[str]:
+    """Configurations whose clean accuracy is at or below chance, flagged."""
+    low = configs[configs["clean (%)"] <= configs["chance (%)"]]
+    if low.empty:
+        return []
+    return ["**At or below chance** (clean accuracy no better than the most common class): "
+            + ", ".join(f"{r['config']} ({r['clean (%)']:.1f}% vs {r['chance (%)']:.1f}%)"
+                        for r in low.to_dict("records")) + "; never headlined."]
 
 
 def all_configurations(certified: pd.DataFrame, empirical: pd.DataFrame) -> pd.DataFrame:
@@ -531,15 +667,46 @@ def explanation_record(name: str, ex: Explanation, classes: list[str]) -> dict:
             "pairs": ex.pairs, "matches": ex.matches}
 
 
+LOW, HIGH = " low", " high"  # suffixes of an accuracy's interval bounds in a table's CSV
+
+
+def with_interval_columns(table: Table) -> pd.DataFrame:
+    """The table's frame with each accuracy's 95% Wilson bounds (%) right after it."""
+    frame = table.frame.copy()
+    for name, images in table.intervals.items():
+        if name not in frame or images not in frame:
+            continue
+        bounds = [wilson(round(v / 100 * n), int(n)) if pd.notna(v) and pd.notna(n) and n > 0
+                  else (np.nan, np.nan) for v, n in zip(frame[name], frame[images], strict=True)]
+        at = frame.columns.get_loc(name) + 1
+        frame.insert(at, name + LOW, [100 * b[0] for b in bounds])
+        frame.insert(at + 1, name + HIGH, [100 * b[1] for b in bounds])
+    return frame
+
+
+def rendered(frame: pd.DataFrame, missing: str = "–") -> pd.DataFrame:
+    """Cells for reading: numbers formatted, and each accuracy with bounds in its CSV shown
+    as "47.8 [46.8, 48.8]" (the bound columns folded in)."""
+    out = frame.map(lambda v: fmt(v, missing))
+    for name in frame.columns:
+        if name + LOW in frame and name + HIGH in frame:
+            out[name] = [v if pd.isna(x) else f"{fmt(x)} [{fmt(lo)}, {fmt(hi)}]"
+                         for v, x, lo, hi in zip(out[name], frame[name], frame[name + LOW],
+                                                 frame[name + HIGH], strict=True)]
+            out = out.drop(columns=[name + LOW, name + HIGH])
+    return out
+
+
 def table_lines(table: Table, folder: Path) -> list[str]:
-    """Write the table as CSV and LaTeX; return its Markdown."""
-    write_text(folder / f"{table.name}.csv", table.frame.to_csv(index=False))
+    """Write the table as CSV (interval bounds as columns) and LaTeX; return its Markdown."""
+    frame = with_interval_columns(table)
+    write_text(folder / f"{table.name}.csv", frame.to_csv(index=False))
     write_text(folder / f"{table.name}.tex",
-               table.frame.map(lambda v: fmt(v, "--")).to_latex(index=False, escape=True))
-    cells = table.frame.map(fmt)
+               rendered(frame, "--").to_latex(index=False, escape=True))
+    cells = rendered(frame)
     return [f"**{table.title}**", "",
-            "| " + " | ".join(map(str, table.frame.columns)) + " |",
-            "|" + "---|" * len(table.frame.columns),
+            "| " + " | ".join(map(str, cells.columns)) + " |",
+            "|" + "---|" * len(cells.columns),
             *("| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)), "",
             *([table.note, ""] if table.note else []),
             f"[CSV](tables/{table.name}.csv) · [LaTeX](tables/{table.name}.tex)", ""]

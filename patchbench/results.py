@@ -106,11 +106,14 @@ def model_columns(cell: str, checkpoint: Checkpoint, data: ImageData) -> dict[st
             "n_parameters": checkpoint.meta.get("n_parameters",
                                                 defense.num_parameters(checkpoint.model)),
             "seed": checkpoint.meta.get("train", {}).get("train_seed", 0),
+            # how the model was trained; ``precision`` (provenance_columns) is how it certified
+            "train_precision": checkpoint.meta.get("train", {}).get("train_precision", "fp32"),
             "checkpoint_sha256": checkpoint.sha256}
 
 
 def provenance_columns(device: torch.device, precision: str = "fp32") -> dict[str, str]:
-    """When, where and with what a row was computed."""
+    """When, where and with what a row was computed (``precision``: of the certification,
+    the votes' arithmetic; the training's is ``train_precision``)."""
     return {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             **system_info(device), "precision": precision}
 

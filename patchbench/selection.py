@@ -59,11 +59,22 @@ def select_setting(rows: pd.DataFrame, params: str | Sequence[str], patch: str =
              .rename(columns={**dict(zip(columns, names, strict=True)),
                               "clean_accuracy": "clean", "certified_accuracy": "certified"})
              .reset_index(drop=True))
-    table["eligible"] = table["clean"] >= table["clean"].max() - clean_tolerance
-    best = table[table["eligible"]].sort_values(["certified", "clean"], ascending=False,
-                                                kind="stable")
-    first = best.iloc[:1]  # per column, so an integer parameter stays an integer
+    table["eligible"] = eligible(table["clean"], clean_tolerance)
+    first = table.loc[[best_candidate(table, clean_tolerance)]]  # an int stays an int
     return Selection(tuple(first[name].tolist()[0] for name in names), table)
+
+
+def eligible(clean: pd.Series, clean_tolerance: float = 0.01) -> pd.Series:
+    """The candidates whose clean accuracy is within ``clean_tolerance`` of the best one's."""
+    return clean >= clean.max() - clean_tolerance
+
+
+def best_candidate(table: pd.DataFrame, clean_tolerance: float = 0.01) -> object:
+    """The index label of the rule's choice among ``table``'s rows (columns ``clean`` and
+    ``certified``, fractions): the most certified eligible candidate, ties to the higher
+    clean accuracy, then to the first row."""
+    pool = table[eligible(table["clean"], clean_tolerance)]
+    return pool.sort_values(["certified", "clean"], ascending=False, kind="stable").index[0]
 
 
 def with_recipe_columns(rows: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
