@@ -264,13 +264,12 @@ def config_names(configs: pd.DataFrame, params: dict[str, dict], recipes: dict[s
     """Unique labels (``labels.config_label``: the same in every report) and a reading order
     (dataset, defense, then the values of the parameters that vary among its configurations)."""
     names, sort_keys = {}, {}
-    precision = text_column(configs, "precision")
     for defense, group in configs.groupby("defense", sort=False):
         keys = list(group["config_key"])
         described = {k: {**recipes[k], **params[k]} for k in keys}
         varying = [n for n in dict.fromkeys(n for k in keys for n in described[k])
                    if len({json.dumps(described[k].get(n)) for k in keys}) > 1]
-        for key, dataset, cert in zip(keys, group["dataset"], precision[group.index],
+        for key, dataset, cert in zip(keys, group["dataset"], text_column(group, "precision"),
                                       strict=True):
             values = [described[key].get(n) for n in varying]
             names[key] = config_label(defense, params[key], recipes[key], cert or "fp32")
@@ -345,8 +344,12 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
                   "the numbers are its test results. The test set chooses nothing.", "",
                   *table_lines(headline, tables)]
     elif len(certified):
-        lines += ["## Headline", "", "_No configuration was chosen on val (no `val` rows under "
-                  f"`{results_dir / VALIDATION}`): no headline, nothing is ranked._",
+        why = ("No configuration chosen on val can be headlined (notes below)"
+               if any(where in selected.choices for where in zip(
+                   configs["dataset"], configs["defense"], strict=True))
+               else "No configuration was chosen on val (no `val` rows "
+               f"under `{results_dir / VALIDATION}`)")
+        lines += ["## Headline", "", f"_{why}: no headline, nothing is ranked._",
                   *(f"- {n}" for n in choice_notes), ""]
     if len(certified) and talk is not None:
         lines += ["## The talk's CIFAR-10 claims beside this dataset's numbers", "",
@@ -524,11 +527,14 @@ def at_chance(config: dict, chance: dict[str, float]) -> bool:
 
 def chosen_status(config: dict, chosen: dict[tuple[str, str], str],
                   choices: dict[tuple[str, str], Choice]) -> str:
-    """"yes", "no" (val chose another) or "no val rows", for the configurations table."""
+    """"yes", "yes, at chance" (chosen on val, not headlined), "no" (val chose another) or
+    "no val rows", for the configurations table."""
     where = (config["dataset"], config["defense"])
     if chosen.get(where) == config["config"]:
         return "yes"
-    return "no" if where in choices else "no val rows"
+    if where not in choices:
+        return "no val rows"
+    return "yes, at chance" if choices[where].key == config["key"] else "no"
 
 
 def chance_sentences(configs: pd.DataFrame) -> list[str]:

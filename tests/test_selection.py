@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from patchbench.selection import select_setting
+from patchbench.selection import best_candidate, eligible, select_setting
 
 
 def rows(clean: list[float], certified: list[float], split: str = "val") -> pd.DataFrame:
@@ -78,3 +78,14 @@ def test_a_training_recipe_field_is_chosen_like_a_parameter():
         "train_config": ['{"epochs": 20}', '{"epochs": 30}']})
     chosen = select_setting(rows, ["width", "train_epochs"], condition="masking")
     assert chosen.value == (48, 30)
+
+
+def test_best_candidate_returns_the_index_label_of_the_rule_s_pick():
+    """What choice.py applies per defense: labels, not positions; ties to the higher clean
+    accuracy, then to the first row."""
+    table = pd.DataFrame({"clean": [0.80, 0.795, 0.78, 0.80], "certified": [0.4, 0.45, 0.9, 0.45]},
+                         index=[10, 20, 30, 40])
+    assert eligible(table["clean"]).tolist() == [True, True, False, True]
+    assert best_candidate(table) == 40  # 0.45 twice: 40 has the higher clean accuracy
+    assert best_candidate(table, clean_tolerance=0.03) == 30
+    assert best_candidate(table.loc[[20, 40]].assign(clean=0.8)) == 20  # a full tie: first
