@@ -94,8 +94,9 @@ def talk_sentence(table: Table) -> str:
     datasets = ", ".join(dict.fromkeys(frame["dataset"]))
     text = (f"Of the talk's CIFAR-10 claims that state something checkable here, "
             f"{len(judged) - len(against)} of {len(judged)} hold on {datasets} "
-            f"({len(frame) - len(judged)} more are shown beside this dataset's numbers "
-            "without a verdict)")
+            f"({len(frame) - len(judged)} more "
+            f"{'is' if len(frame) - len(judged) == 1 else 'are'} shown beside this dataset's "
+            "numbers without a verdict)")
     if against.empty:
         return text + "."
     return text + "; these do not: " + "; ".join(

@@ -328,7 +328,7 @@ def test_the_summary_counts_verdicts_and_names_what_does_not_hold():
     assert sentence.startswith(
         "Of the talk's CIFAR-10 claims that state something checkable here, "
         f"{(judged['verdict'] == HOLDS).sum()} of {len(judged)} hold on d "
-        f"({len(frame) - len(judged)} more are shown")
+        f"({len(frame) - len(judged)} more is shown")
     assert sentence.count("; these do not: ") == 1
     assert f"{LARGE} (talk: yes; here: 4.0% at 10x10, lower 95% bound" in sentence
     everything = talk_sentence(frames().table())
