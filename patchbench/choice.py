@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from patchbench.selection import best_candidate
+from patchbench.tables import ordered
 
 CHOICE_PATCH = "5x5"  # the shape the rule ranks on (the talk's headline shape)
 CLEAN_TOLERANCE = 0.01
@@ -54,11 +55,6 @@ def config_identity(rows: pd.DataFrame) -> pd.Series:
             .astype(str))
 
 
-def primary_condition(conditions: set[str]) -> str:
-    """tight where certified (vote maps), else the first condition in sorted order."""
-    return "tight" if "tight" in conditions else sorted(conditions)[0]
-
-
 def val_choices(val_rows: pd.DataFrame) -> dict[tuple[str, str], Choice]:
     """(dataset, defense) -> the rule's choice among the val certification rows (typed: the
     accuracies as numbers), one per configuration at CHOICE_PATCH under the defense's primary
@@ -68,7 +64,7 @@ def val_choices(val_rows: pd.DataFrame) -> dict[tuple[str, str], Choice]:
         return out
     rows = val_rows.assign(config_key=config_identity(val_rows))
     for (dataset, defense), group in rows.groupby(["dataset", "defense"], sort=True):
-        condition = primary_condition(set(group["condition"]))
+        condition = ordered(set(group["condition"]))[0]  # tight for vote maps
         at = group[(group["patch"] == CHOICE_PATCH) & (group["condition"] == condition)]
         if at.empty:
             continue

@@ -18,6 +18,17 @@ TINY = ["--dataset", "synthetic", "--epochs", "1", "--max-train-images", "64", "
         "--width", "4"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules that train tiny models (``pytestmark = usefixtures("one_thread")``): they
+    gain nothing from a second thread, and on a shared two-core machine competing thread pools
+    spin (several times the CPU time)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))

@@ -7,13 +7,11 @@ import functools
 import gzip
 import json
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from patchbench import load_results, run_sweep
 from patchbench.results import load_failures
@@ -40,14 +38,7 @@ class Sweep:
     stderr: str
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from more threads, and on a shared two-core machine competing
-    thread pools spin (several times the CPU time)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
