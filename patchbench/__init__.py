@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from patchbench.report import build_report
     from patchbench.results import load_results
     from patchbench.sweep import SweepError, run_sweep
+    from patchbench.zoo import load_model, zoo_models
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ _HOMES = {  # name -> the module that defines it
     "available_defenses": "defense", "get_defense": "defense", "Footprints": "footprints",
     "PatchShape": "patches", "parse_patches": "patches", "build_report": "report",
     "load_results": "results", "SweepError": "sweep", "run_sweep": "sweep",
+    "load_model": "zoo", "zoo_models": "zoo",
 }
 
 
@@ -53,7 +55,9 @@ __all__ = [
     "build_report",
     "certify_votes",
     "get_defense",
+    "load_model",
     "load_results",
     "parse_patches",
     "run_sweep",
+    "zoo_models",
 ]

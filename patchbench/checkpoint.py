@@ -33,6 +33,7 @@ class Checkpoint:
     model: nn.Module
     meta: dict[str, Any]  # dataset, in_shape, classes, train config, metrics
     sha256: str
+    path: Path | None = None  # the file it was loaded from
 
 
 def content_hash(meta: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
@@ -91,14 +92,19 @@ def _read(path: Path, map_location: str | torch.device = "cpu"
     return payload["meta"], payload["state_dict"], payload["sha256"]
 
 
-def checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata of a checkpoint (defense, params, dataset, ...), without rebuilding its
-    model; the content hash is checked when it is loaded (``load_checkpoint``)."""
+def read_header(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(metadata, stored content hash) of a checkpoint, without rebuilding its model; the hash
+    is checked against the content when it is loaded (``load_checkpoint``)."""
     path = Path(path)
-    meta = _read(path)[0]
+    meta, _, sha = _read(path)
     if not isinstance(meta.get("defense"), str):
         raise CheckpointError(f"checkpoint {path} names no defense")
-    return meta
+    return meta, str(sha)
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a checkpoint (defense, params, dataset, ...): ``read_header``'s."""
+    return read_header(path)[0]
 
 
 def load_checkpoint(path: str | Path, defense: str | None = None, dataset: str | None = None,
@@ -127,4 +133,4 @@ def load_checkpoint(path: str | Path, defense: str | None = None, dataset: str |
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in state.items()})
     model.eval()
-    return Checkpoint(rebuilt, model, meta, sha)
+    return Checkpoint(rebuilt, model, meta, sha, path)

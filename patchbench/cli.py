@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
+import sys
 from pathlib import Path
 
 import click
@@ -13,7 +15,7 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
-from patchbench import __version__
+from patchbench import __version__, zoo
 from patchbench.attack import (
     AttackBudget,
     AttackUnsupportedError,
@@ -28,7 +30,6 @@ from patchbench.checkpoint import (
     CheckpointError,
     checkpoint_meta,
     load_checkpoint,
-    save_checkpoint,
 )
 from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
 from patchbench.defense import (
@@ -47,11 +48,13 @@ from patchbench.options import (
     parse_extra_params,
 )
 from patchbench.patches import check_fits, parse_patches
+from patchbench.readme import find_block
 from patchbench.report import build_report, headline_block, update_readme
 from patchbench.results import ResultsError, is_finished, load_results
 from patchbench.selection import defense_rows, select_setting
-from patchbench.sweep import BACKENDS, SweepError, run_sweep
-from patchbench.train import TRAIN_PRECISIONS, TrainConfig, train
+from patchbench.sweep import BACKENDS, SweepError, model_text, run_sweep
+from patchbench.train import TRAIN_PRECISIONS, TrainConfig, estimate_text, train_and_save
+from patchbench.zoo import UnknownModelError, ZooModel, find_model
 
 # Errors a user can cause: shown as one line, never as a traceback.
 USER_ERRORS = (DatasetNotFoundError, DatasetFormatError, CheckpointError, UnknownDefenseError,
@@ -119,6 +122,37 @@ def defenses_command(verbose: bool) -> None:
     Console().print(table)
 
 
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list, every field, for tools.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=zoo.SHIPPED_RESULTS, show_default="the repository's results/",
+              help="Where the numbers come from: rows whose checkpoint hash is the model's.")
+@click.option("--readme", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Also write the table into this file's zoo block.")
+def models_command(as_json: bool, results_dir: Path, readme: Path | None) -> None:
+    """List the trained models by name: shipped in checkpoints/, then cached on this machine,
+    with clean and certified test accuracy at 5x5 (95% Wilson intervals)."""
+    if readme is not None:
+        find_block(readme, zoo.ZOO_BLOCK)  # a README without the block fails before any work
+    models = zoo.zoo_models()
+    numbers = zoo.model_numbers(models, zoo.zoo_rows(results_dir))
+    if as_json:
+        click.echo(json.dumps([zoo.model_record(m, numbers.get(m.name)) for m in models],
+                              indent=1))
+    else:
+        table = Table(title=f"{len(models)} models; numbers: test split, from {results_dir}")
+        for column in zoo.ZOO_COLUMNS:
+            table.add_column(column, no_wrap=column == "name")
+        for row in zoo.zoo_table(models, numbers):
+            table.add_row(*row)
+        # a pipe or file gets whole lines (rich would fold them at 80 columns)
+        Console(width=None if sys.stdout.isatty() else 240).print(table)
+        click.echo("certify one: patchbench run --model NAME --patch 5x5", err=True)
+    if readme is not None:
+        zoo.update_readme(readme, models, numbers)
+        click.echo(f"model zoo written into {readme}", err=True)
+
+
 def dataset_options(fn):
     fn = click.option("--download", is_flag=True,
                       help="Allow fetching the dataset from the internet when missing.")(fn)
@@ -161,11 +195,11 @@ def make_train_config(defense: Defense, kwargs: dict) -> TrainConfig:
     return TrainConfig(**{**defense.train_defaults, **train_overrides(kwargs)})
 
 
-def make_defense(name: str, extra_args: list[str]) -> Defense:
-    """A defense by name with ``--param value`` pairs from the command line."""
+def make_defense(name: str, params: dict[str, str]) -> Defense:
+    """A defense by name with the ``--param value`` pairs of the command line."""
     cls = get_defense(name)
     try:
-        return cls.from_params(parse_extra_params(extra_args))
+        return cls.from_params(params)
     except ValueError as err:
         raise parameter_error(err) from None
 
@@ -178,20 +212,18 @@ def check_defense(defense: Defense, in_shape: tuple[int, int, int]) -> None:
         raise parameter_error(err) from None
 
 
-def train_and_save(defense: Defense, dataset: str, data_dir: Path | None, download: bool,
-                   config: TrainConfig, device: torch.device, output: Path) -> Path:
+def train_announced(defense: Defense, dataset: str, data_dir: Path | None, download: bool,
+                    config: TrainConfig, device: torch.device, output: Path) -> None:
+    """Check the configuration, say how long training will take, train and save."""
     data = load_dataset(dataset, "train", data_dir, download)
     check_defense(defense, data.in_shape)
     try:
-        model, metrics = train(defense, data, config, device)
+        click.echo(f"training {defense.name} on {dataset}: "
+                   f"{estimate_text(defense, data, config, device)}", err=True)
+        train_and_save(defense, dataset, data_dir, download, config, device, output,
+                       log=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    sha = save_checkpoint(output, defense, model, {
-        "dataset": dataset, "in_shape": list(data.in_shape), "classes": list(data.classes),
-        "train": metrics, "n_parameters": defense.num_parameters(model)})
-    click.echo(f"saved {output} (sha256 {sha[:12]}; train accuracy "
-               f"{metrics['train_accuracy']:.3f} in {metrics['train_seconds']:.0f} s)", err=True)
-    return output
 
 
 @cli.command("train", context_settings=EXTRA_ARGS)
@@ -205,10 +237,10 @@ def train_and_save(defense: Defense, dataset: str, data_dir: Path | None, downlo
 def train_command(ctx: click.Context, defense_name: str, dataset: str, data_dir: Path | None,
                   download: bool, device: torch.device, output: Path | None, **kwargs) -> None:
     """Train a defense's model; defense parameters follow as --name value (e.g. --rf 7)."""
-    defense = make_defense(defense_name, ctx.args)
+    defense = make_defense(defense_name, parse_extra_params(ctx.args))
     config = make_train_config(defense, kwargs)
     output = output or new_checkpoint_path(model_key(defense, dataset, config))
-    train_and_save(defense, dataset, data_dir, download, config, device, output)
+    train_announced(defense, dataset, data_dir, download, config, device, output)
     click.echo(str(output))
 
 
@@ -234,7 +266,7 @@ def precision_option(fn):
 @cli.command("run", context_settings=EXTRA_ARGS)
 @click.option("--defense", "defense_lists", multiple=True,
               help="Registered defense names, comma list (repeatable) [required, except with "
-                   "--checkpoint: the checkpoint's defense].")
+                   "--model or --checkpoint: the model's defense].")
 @click.option("--patch", "patch_lists", type=PatchListType(), multiple=True, required=True,
               help="Patch shapes, e.g. 5x5,2x12 (repeatable).")
 @click.option("--condition", callback=parse_conditions,
@@ -254,6 +286,11 @@ def precision_option(fn):
               help="Certify this checkpoint instead of the configuration's cached one; its "
                    "defense, dataset and parameters are the defaults of --defense, --dataset "
                    "and the defense parameters.")
+@click.option("--model", "model_name", metavar="NAME",
+              help="Certify this zoo model (patchbench models lists them): its checkpoint, "
+                   "defense, dataset and certification parameters.")
+@click.option("--no-train", is_flag=True,
+              help="A model that is neither shipped nor cached is an error, not trained.")
 @click.option("--force", is_flag=True, help="Recompute finished cells (their files are replaced).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
               help="local: joblib processes on this machine; ray: Ray's joblib backend.")
@@ -267,8 +304,8 @@ def precision_option(fn):
 def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
                 condition: list[str], dataset: str, data_dir: Path | None, download: bool,
                 split: str, n_images: int | None, device: str, batch_size: int,
-                precision: str, results_dir: Path, checkpoint: Path | None, force: bool,
-                backend: str,
+                precision: str, results_dir: Path, checkpoint: Path | None,
+                model_name: str | None, no_train: bool, force: bool, backend: str,
                 n_jobs: int | None, ray_address: str | None, **kwargs) -> None:
     """Certify every model configuration of a sweep, training missing models.
 
@@ -276,23 +313,22 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
     cartesian product gives the cells. Finished cells are skipped (--force recomputes).
     """
     params = {k: v.split(",") for k, v in parse_extra_params(ctx.args).items()}
+    if model_name is not None:
+        checkpoint = zoo_checkpoint(model_name, checkpoint)
+        for name, value in checkpoint.certify.items():  # the zoo's, unless given
+            params.setdefault(name, [str(value)])
+        checkpoint = checkpoint.path
     if not defense_lists:
-        if checkpoint is None:
-            raise click.MissingParameter(
-                ctx=ctx, param=next(p for p in ctx.command.params if p.name == "defense_lists"),
-                message="Name one, or pass --checkpoint.")
-        meta = checkpoint_meta(checkpoint)
-        defense_lists = (meta["defense"],)
-        if (ctx.get_parameter_source("dataset") is ParameterSource.DEFAULT
-                and meta.get("dataset") in DATASETS):
-            dataset = meta["dataset"]
+        name, dataset = model_defaults(ctx, "defense_lists", checkpoint, dataset)
+        defense_lists = (name,)
     try:
         frame = run_sweep(list(defense_lists), flatten_patches(patch_lists), dataset, params,
                           split=split, n_images=n_images, conditions=condition,
                           train=train_overrides(kwargs), results_dir=results_dir, force=force,
                           device=device, batch_size=batch_size, data_dir=data_dir,
                           download=download, checkpoint=checkpoint, backend=backend,
-                          n_jobs=n_jobs, ray_address=ray_address, precision=precision)
+                          n_jobs=n_jobs, ray_address=ray_address, precision=precision,
+                          allow_train=not no_train)
     except SweepError as err:
         if err.option:
             raise click.BadParameter(str(err), param_hint=f"'{err.option}'") from None
@@ -307,6 +343,31 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
         click.echo(f"Error: {counts['failed']} of {len(cells)} cells failed (reasons in "
                    f"{results_dir / 'failed'})", err=True)
         ctx.exit(3)
+
+
+def zoo_checkpoint(name: str, checkpoint: Path | None) -> ZooModel:
+    """``--model NAME``: the zoo model, or a usage error (unknown name, or a checkpoint too)."""
+    if checkpoint is not None:
+        raise click.UsageError("--model and --checkpoint each name a model: give one")
+    try:
+        return find_model(name)
+    except UnknownModelError as err:
+        raise click.BadParameter(str(err), param_hint="'--model'") from None
+
+
+def model_defaults(ctx: click.Context, defense_param: str, checkpoint: Path | None,
+                   dataset: str) -> tuple[str, str]:
+    """(defense, dataset) when --defense is left out: the checkpoint's, its dataset unless
+    --dataset was given; without a checkpoint, --defense is missing."""
+    if checkpoint is None:
+        raise click.MissingParameter(
+            ctx=ctx, param=next(p for p in ctx.command.params if p.name == defense_param),
+            message="Name one, or pass --model or --checkpoint.")
+    meta = checkpoint_meta(checkpoint)
+    if (ctx.get_parameter_source("dataset") is ParameterSource.DEFAULT
+            and meta.get("dataset") in DATASETS):
+        dataset = meta["dataset"]
+    return meta["defense"], dataset
 
 
 def show_summary(frame: pd.DataFrame, swept: list[str]) -> None:
@@ -380,7 +441,9 @@ def attack_options(fn):
 
 
 @cli.command("attack", context_settings=EXTRA_ARGS)
-@click.option("--defense", "defense_name", required=True, help="A registered defense name.")
+@click.option("--defense", "defense_name",
+              help="A registered defense name [required, except with --model or --checkpoint: "
+                   "the model's defense].")
 @click.option("--patch", "patch_lists", type=PatchListType(), multiple=True, required=True,
               help="Patch shapes, e.g. 5x5,2x12 (repeatable).")
 @dataset_options
@@ -394,14 +457,17 @@ def attack_options(fn):
               default=Path("results"), show_default=True)
 @click.option("--checkpoint", type=CheckpointPath(),
               help="Attack this checkpoint instead of the configuration's trained one.")
+@click.option("--model", "model_name", metavar="NAME",
+              help="Attack this zoo model (patchbench models lists them).")
 @click.option("--force", is_flag=True, help="Attack again if this attack's cell is finished.")
 @attack_options
 @train_options
 @click.pass_context
-def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: str,
+def attack_command(ctx: click.Context, defense_name: str | None, patch_lists, dataset: str,
                    data_dir: Path | None, download: bool, split: str, n_images: int | None,
                    device: torch.device, batch_size: int, results_dir: Path,
-                   checkpoint: Path | None, force: bool, **kwargs) -> None:
+                   checkpoint: Path | None, model_name: str | None, force: bool,
+                   **kwargs) -> None:
     """PGD patch attack on a trained model: empirical robust accuracy next to certified.
 
     Defense parameters follow as --name value and pick the trained checkpoint (nothing is
@@ -409,12 +475,19 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
     of a certified image (a soundness violation); the results are written first.
     """
     patches = flatten_patches(patch_lists)
+    extra = parse_extra_params(ctx.args)
+    if model_name is not None:
+        zoo = zoo_checkpoint(model_name, checkpoint)
+        checkpoint = zoo.path
+        extra = {**{k: str(v) for k, v in zoo.certify.items()}, **extra}
+    if defense_name is None:
+        defense_name, dataset = model_defaults(ctx, "defense_name", checkpoint, dataset)
     data = load_dataset(dataset, split, data_dir, download).subset(n_images)
     try:
         check_fits(patches, data.in_shape[1:])
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="'--patch'") from None
-    defense = make_defense(defense_name, ctx.args)
+    defense = make_defense(defense_name, extra)
     if checkpoint is None:
         key = model_key(defense, dataset, make_train_config(defense, kwargs))
         checkpoint = find_checkpoint(key)
@@ -423,7 +496,7 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
                                   f"--defense {defense_name} ...) or pass --checkpoint")
     loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
     trained = loaded.defense.params()
-    given = {k: defense.params()[k] for k in parse_extra_params(ctx.args)}
+    given = {k: defense.params()[k] for k in extra}
     clash = [k for k, v in given.items() if k not in defense.certify_params and trained[k] != v]
     if clash:
         raise click.UsageError(f"checkpoint {checkpoint} was trained with "
@@ -431,6 +504,7 @@ def attack_command(ctx: click.Context, defense_name: str, patch_lists, dataset: 
     # certify-only parameters given on the command line (a threshold) apply to the model
     loaded = dataclasses.replace(loaded, defense=type(defense).from_params({**trained, **given}))
     check_defense(loaded.defense, data.in_shape)
+    click.echo(f"model {model_text(checkpoint, loaded.sha256)}", err=True)
     budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
                              for name, (field, _, _) in ATTACK_OPTIONS.items()})
     cell = attack_cell_id(loaded, data, budget, [str(p) for p in patches])

@@ -41,14 +41,25 @@ def config_label(defense: str, params: dict[str, Any], recipe: dict[str, Any],
                  cert_precision: str = "fp32") -> str:
     """e.g. "ds-column ablation_size=6 threshold=0.25 width=48 epochs=28 hold_out_val=yes
     train_precision=bf16"."""
-    naming, param_defaults, recipe_defaults = defaults(defense)
-    shown = [n for n in naming if n in params]
-    shown += [n for n in params if n not in shown and (
-        param_defaults is None or n not in param_defaults or params[n] != param_defaults[n])]
-    parts = [f"{n}={value_text(params[n])}" for n in shown]
-    parts += [f"{n}={value_text(v)}" for n, v in recipe.items()
-              if n not in RECIPE_SKIP and n in recipe_defaults and v != recipe_defaults[n]]
-    parts.append(f"train_precision={recipe.get('precision', 'fp32')}")
+    parts = [*param_parts(defense, params), *recipe_parts(defense, recipe)]
     if cert_precision and cert_precision != "fp32":
         parts.append(f"cert_precision={cert_precision}")
     return " ".join([defense, *parts])
+
+
+def param_parts(defense: str, params: dict[str, Any]) -> list[str]:
+    """``name=value`` of the naming parameters, then of those that differ from the default."""
+    naming, param_defaults, _ = defaults(defense)
+    shown = [n for n in naming if n in params]
+    shown += [n for n in params if n not in shown and (
+        param_defaults is None or n not in param_defaults or params[n] != param_defaults[n])]
+    return [f"{n}={value_text(params[n])}" for n in shown]
+
+
+def recipe_parts(defense: str, recipe: dict[str, Any]) -> list[str]:
+    """``name=value`` of the recipe fields that differ from the defense's recipe, then the
+    training precision (always)."""
+    recipe_defaults = defaults(defense)[2]
+    parts = [f"{n}={value_text(v)}" for n, v in recipe.items()
+             if n not in RECIPE_SKIP and n in recipe_defaults and v != recipe_defaults[n]]
+    return [*parts, f"train_precision={recipe.get('precision', 'fp32')}"]

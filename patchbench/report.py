@@ -44,6 +44,7 @@ from patchbench.gallery import (
 from patchbench.integrity import chance_levels, check_integrity
 from patchbench.labels import config_label
 from patchbench.paired import PairedTests
+from patchbench.readme import find_block, markdown_table, write_block
 from patchbench.results import (
     CERTIFIED,
     EMPIRICAL,
@@ -386,37 +387,27 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
     return report
 
 
-README_START, README_END = "<!-- headline:start", "<!-- headline:end -->"
+HEADLINE_BLOCK = "headline"
 
 
 def headline_block(readme: Path) -> tuple[str, int, int]:
-    """The file's text and where its headline block starts and ends; ResultsError (one line)
-    if it cannot be read or has no block, so that a command can check before working."""
-    try:
-        text = readme.read_text()
-    except OSError as err:
-        raise ResultsError(f"cannot read {readme}: {err.strerror or err}") from None
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise ResultsError(f"{readme} has no '{README_START} -->' ... '{README_END}' block")
-    return text, start, end
+    """The file's text and where its headline block starts and ends (``readme.find_block``)."""
+    return find_block(readme, HEADLINE_BLOCK)
 
 
 def update_readme(readme: str | Path, out_dir: str | Path) -> None:
-    """Replace the block between README_START and README_END in ``readme`` by the headline
-    table of the report in ``out_dir`` and its main figures, so that README's numbers come
-    from the tools and are never typed."""
+    """Replace README's headline block by the headline table of the report in ``out_dir`` and
+    its main figures, so that README's numbers come from the tools and are never typed."""
     readme, out = Path(readme), Path(out_dir)
-    text, start, end = headline_block(readme)
+    headline_block(readme)
     path = out / "tables" / "headline.csv"
     if not path.is_file():
         raise ResultsError(f"the report in {out} has no headline table (no 5x5 certification "
                            "rows)")
     frame = rendered(pd.read_csv(path, dtype={"parameters": "Int64"}))
     link = Path(os.path.relpath(out, readme.parent)).as_posix()
-    lines = [f"{README_START}: written by `patchbench report --readme`; do not edit -->",
-             "| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns),
-             *("| " + " | ".join(row) + " |" for row in frame.itertuples(index=False)),
+    lines = [*markdown_table(list(frame.columns), [list(row) for row in
+                                                   frame.itertuples(index=False)]),
              "", f"One configuration per defense, chosen on `val` ({RULE}); test numbers with "
              f"their {INTERVAL}s. Certified accuracy: the share of all test images that are "
              "classified correctly and certified for every position of the patch. Time: "
@@ -427,7 +418,7 @@ def update_readme(readme: str | Path, out_dir: str | Path) -> None:
                           ("certified_vs_attacked.png", "Certified vs attacked accuracy")):
         if (out / "figures" / name).is_file():
             lines += [f"![{caption}]({link}/figures/{name})", ""]
-    write_text(readme, text[:start] + "\n".join(lines) + text[end:])
+    write_block(readme, HEADLINE_BLOCK, "patchbench report --readme", lines)
 
 
 def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Table,

@@ -30,7 +30,7 @@ from joblib import Parallel, delayed, parallel_config
 
 from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
-from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from patchbench.data import ImageData, load_dataset
 from patchbench.defense import (
     Defense,
@@ -53,7 +53,8 @@ from patchbench.results import (
     write_cell,
     write_failure,
 )
-from patchbench.train import TrainConfig, train
+from patchbench.train import TrainConfig, estimate_text, train_and_save
+from patchbench.zoo import name_of
 
 BACKENDS = ("local", "ray")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -148,7 +149,8 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
               data_dir: str | Path | None = None, download: bool = False,
               checkpoint: str | Path | None = None, backend: str = "local",
               n_jobs: int | None = None, ray_address: str | None = None,
-              show_progress: bool = True, precision: str = "fp32") -> pd.DataFrame:
+              show_progress: bool = True, precision: str = "fp32",
+              allow_train: bool = True) -> pd.DataFrame:
     """Certify every model configuration of a grid, training the models that are missing.
 
     ``defenses``: registered names (a list, or a comma-separated string). ``params``: defense
@@ -158,7 +160,9 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
     1}``). Finished cells in ``results_dir`` are skipped unless ``force``. ``backend``:
     ``"local"`` (joblib processes, ``n_jobs`` at once, default 1) or ``"ray"`` (Ray's joblib
     backend on the cluster at ``ray_address``; by default Ray's own choice: ``RAY_ADDRESS``, a
-    cluster started on this machine, or a new local instance).
+    cluster started on this machine, or a new local instance). A model that is neither shipped
+    nor cached is trained first, announced with its estimated time; with ``allow_train``
+    False it is a CheckpointError before any work instead.
 
     Returns the rows of every cell (see README, "Results") plus ``status`` ("computed",
     "skipped" or "failed") and ``reason``; a failed cell has one row with its configuration.
@@ -178,6 +182,7 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
     for cell in cells:
         if cell.id not in todo_ids:
             log(f"cell {cell.id} ({cell.label}): finished earlier, skipped (force recomputes)")
+    announce_training(todo, allow_train, data_dir, download, device_text)
     outcomes: list[Outcome] = []
     with progress_bar(show_progress) as bar:
         task = bar.add_task("sweep", total=len(cells), status=f"{len(cells)} cells")
@@ -455,6 +460,7 @@ def run_cell(cell: Cell, job: Job) -> Outcome:
         # the checkpoint's weights, read by the cell's defense: certify-only parameters (a
         # vote threshold) may differ from those the weights were trained with
         loaded = dataclasses.replace(load_model(cell, defense, job, device), defense=defense)
+        log(f"cell {cell.id} ({cell.label}): model {model_text(loaded.path, loaded.sha256)}")
         patches = parse_patches(list(cell.patches))
         evaluation = certify_split(defense, loaded.model, data, patches, cell.conditions,
                                    job.batch_size, device, job.show_progress, cell.precision)
@@ -483,25 +489,56 @@ def load_model(cell: Cell, defense: Defense, job: Job, device: torch.device) -> 
         return loaded
     config = TrainConfig(**{**defense.train_defaults, **cell.train})
     key = model_key(defense, cell.dataset, config)
-    path = find_checkpoint(key) or train_checkpoint(
-        defense, cell.dataset, job.data_dir, job.download, config, device,
-        new_checkpoint_path(key), job.show_progress)
+    path = find_checkpoint(key)
+    if path is None:
+        path = new_checkpoint_path(key)
+        train_and_save(defense, cell.dataset, job.data_dir, job.download, config, device, path,
+                       job.show_progress, log)
     return load_checkpoint(path, defense=cell.defense, dataset=cell.dataset)
 
 
-def train_checkpoint(defense: Defense, dataset: str, data_dir: str | None, download: bool,
-                     config: TrainConfig, device: torch.device, output: Path,
-                     show_progress: bool = True) -> Path:
-    """Train on the training split and save atomically (concurrent trainers of one
-    configuration each write a whole file; the last one stays)."""
-    data = load_dataset(dataset, "train", data_dir, download)
-    model, metrics = train(defense, data, config, device, show_progress)
-    sha = save_checkpoint(output, defense, model, {
-        "dataset": dataset, "in_shape": list(data.in_shape), "classes": list(data.classes),
-        "train": metrics, "n_parameters": defense.num_parameters(model)})
-    log(f"saved {output} (sha256 {sha[:12]}; train accuracy {metrics['train_accuracy']:.3f} "
-        f"in {metrics['train_seconds']:.0f} s)")
-    return output
+def model_text(path: str | Path, sha256: str) -> str:
+    """How a run names the model it certifies: zoo name or path, and hash."""
+    name = name_of(path)
+    return f"{name} ({path}, sha256 {sha256[:12]})" if name else f"{path} (sha256 {sha256[:12]})"
+
+
+def untrained(cells: Sequence[Cell]) -> list[Cell]:
+    """One cell per model that is neither shipped nor cached (it will be trained)."""
+    found: dict[str, Cell] = {}
+    for cell in cells:
+        if cell.model and not cell.checkpoint and find_checkpoint(cell.model) is None:
+            found.setdefault(cell.model, cell)
+    return list(found.values())
+
+
+def announce_training(cells: Sequence[Cell], allow_train: bool, data_dir: str | Path | None,
+                      download: bool, device: str) -> None:
+    """Before any work: each model the sweep must train, with its estimated time; with
+    ``allow_train`` False, a missing model is an error instead (CheckpointError)."""
+    missing = untrained(cells)
+    if missing and not allow_train:
+        cell, more = missing[0], len(missing) - 1
+        raise CheckpointError(
+            f"no trained model for {cell.label} ({cell.model}) in checkpoints/ or the cache, "
+            f"and --no-train is set{f' ({more} more such models)' if more else ''}; "
+            "`patchbench models` lists the shipped ones")
+    here = torch.device(device if device.startswith("cuda") and torch.cuda.is_available()
+                        else "cpu")
+    for cell in missing:
+        log(f"cell {cell.id} ({cell.label}): no trained model {cell.model} (shipped or "
+            f"cached), so it is trained first: {training_estimate(cell, data_dir, download, here)}")
+
+
+def training_estimate(cell: Cell, data_dir: str | Path | None, download: bool,
+                      device: torch.device) -> str:
+    """``estimate_text`` of the cell's training, or why there is none."""
+    try:
+        defense = get_defense(cell.defense).from_params(cell.params)
+        data = load_dataset(cell.dataset, "train", data_dir, download)
+        return estimate_text(defense, data, TrainConfig(**cell.train), device)
+    except Exception as err:  # the cell itself reports what is wrong
+        return f"time not estimated ({type(err).__name__})"
 
 
 def collect(results_dir: Path, cells: list[Cell], outcomes: list[Outcome]) -> pd.DataFrame:

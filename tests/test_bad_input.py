@@ -660,9 +660,11 @@ def console_entry_point() -> str:
 
 def interrupt(command: list[str], ready, tmp_path: Path) -> subprocess.CompletedProcess:
     """Start ``command``, send SIGINT once ``ready()`` holds, and wait for the exit."""
+    # SIGINT as in a terminal, even where the suite runs in the background (which ignores it)
     child = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "COLUMNS": "200"})
+                             env={**os.environ, "COLUMNS": "200"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not ready(child):

@@ -126,8 +126,10 @@ def interrupted_sweep(tmp_path: Path,
         results, cache, log = folder / "results", folder / "cache", folder / "sweep.log"
         folder.mkdir()
         with log.open("w") as err:
+            # SIGINT as in a terminal, even where the suite runs in the background
             process = subprocess.Popen(sweep(results), stdout=subprocess.DEVNULL, stderr=err,
-                                       env=env(cache))
+                                       env=env(cache), preexec_fn=lambda: signal.signal(
+                                           signal.SIGINT, signal.SIG_DFL))
             try:
                 seen = interrupt(results, process, log)
             finally:
