@@ -134,3 +134,17 @@ def load_checkpoint(path: str | Path, defense: str | None = None, dataset: str |
                            for k, v in state.items()})
     model.eval()
     return Checkpoint(rebuilt, model, meta, sha, path)
+
+
+def parameter_clash(loaded: Checkpoint, given: dict[str, Any]) -> str | None:
+    """Why ``given`` parameters cannot read these weights ("checkpoint F was trained with
+    rf=5, not rf=7"), or None: every parameter but the certification-only ones (a threshold)
+    must be the trained value."""
+    trained = loaded.defense.params()
+    clash = {k: v for k, v in given.items()
+             if k not in loaded.defense.certify_params and trained.get(k) != v}
+    if not clash:
+        return None
+    return (f"checkpoint {loaded.path} was trained with "
+            f"{', '.join(f'{k}={trained.get(k)}' for k in clash)}, not "
+            f"{', '.join(f'{k}={v}' for k, v in clash.items())}")

@@ -30,6 +30,7 @@ from patchbench.checkpoint import (
     CheckpointError,
     checkpoint_meta,
     load_checkpoint,
+    parameter_clash,
 )
 from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
 from patchbench.defense import (
@@ -495,15 +496,16 @@ def attack_command(ctx: click.Context, defense_name: str | None, patch_lists, da
             raise CheckpointError(f"no trained model {key}: train it first (patchbench train "
                                   f"--defense {defense_name} ...) or pass --checkpoint")
     loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
-    trained = loaded.defense.params()
     given = {k: defense.params()[k] for k in extra}
-    clash = [k for k, v in given.items() if k not in defense.certify_params and trained[k] != v]
+    clash = parameter_clash(loaded, given)
     if clash:
-        raise click.UsageError(f"checkpoint {checkpoint} was trained with "
-                               + ", ".join(f"{k}={trained[k]}" for k in clash))
+        raise click.UsageError(clash)
     # certify-only parameters given on the command line (a threshold) apply to the model
-    loaded = dataclasses.replace(loaded, defense=type(defense).from_params({**trained, **given}))
+    loaded = dataclasses.replace(loaded, defense=type(defense).from_params(
+        {**loaded.defense.params(), **given}))
     check_defense(loaded.defense, data.in_shape)
+    if loaded.defense.unsupported("attack"):  # "attack not supported by <defense>: ..."
+        raise click.ClickException(loaded.defense.unsupported("attack"))
     click.echo(f"model {model_text(checkpoint, loaded.sha256)}", err=True)
     budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
                              for name, (field, _, _) in ATTACK_OPTIONS.items()})

@@ -60,6 +60,6 @@ def recipe_parts(defense: str, recipe: dict[str, Any]) -> list[str]:
     """``name=value`` of the recipe fields that differ from the defense's recipe, then the
     training precision (always)."""
     recipe_defaults = defaults(defense)[2]
-    parts = [f"{n}={value_text(v)}" for n, v in recipe.items()
-             if n not in RECIPE_SKIP and n in recipe_defaults and v != recipe_defaults[n]]
+    parts = [f"{n}={value_text(recipe[n])}" for n in recipe_defaults  # TrainConfig's order
+             if n not in RECIPE_SKIP and n in recipe and recipe[n] != recipe_defaults[n]]
     return [*parts, f"train_precision={recipe.get('precision', 'fp32')}"]

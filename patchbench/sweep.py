@@ -30,7 +30,12 @@ from joblib import Parallel, delayed, parallel_config
 
 from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
-from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from patchbench.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    parameter_clash,
+)
 from patchbench.data import ImageData, load_dataset
 from patchbench.defense import (
     Defense,
@@ -372,12 +377,10 @@ def with_checkpoint(cell: Cell, path: Path) -> Cell:
     """The cell of an explicit checkpoint: its content hash replaces the training recipe.
     Given parameters must match the trained ones, except certify-only ones (a threshold)."""
     loaded = load_checkpoint(path, defense=cell.defense, dataset=cell.dataset)
-    trained, certify_only = loaded.defense.params(), loaded.defense.certify_params
-    clash = {k: v for k, v in cell.swept.items() if k not in certify_only and trained.get(k) != v}
+    clash = parameter_clash(loaded, cell.swept)
     if clash:
-        raise SweepError(f"checkpoint {path} was trained with "
-                         f"{', '.join(f'{k}={trained[k]}' for k in clash)}, not "
-                         f"{', '.join(f'{k}={v}' for k, v in clash.items())}")
+        raise SweepError(clash)
+    trained = loaded.defense.params()
     return dataclasses.replace(cell, params={**trained, **cell.swept}, train={}, model="",
                                checkpoint=str(path.resolve()), checkpoint_sha256=loaded.sha256)
 

@@ -17,14 +17,16 @@ source "$(dirname "$0")/grid.sh"
 out=${RESULTS:-results}
 val=${VALIDATION:-results/validation}/bagcert
 rfs=(5 7 9 11 13)
-patchbench run --defense bagcert --rf "$(IFS=,; echo "${rfs[*]}")" --train-precision bf16 \
-  --dataset fashion-mnist --patch "$GRID" --results-dir "$out"
-patchbench run --defense bagcert --rf 7 --dataset fashion-mnist --patch "$GRID" --results-dir "$out"
+# trained with val (the defaults hold it out: they are this study's val choice)
+with_val=(--defense bagcert --hold-out-val no --dataset fashion-mnist)
+patchbench run "${with_val[@]}" --rf "$(IFS=,; echo "${rfs[*]}")" --train-precision bf16 \
+  --patch "$GRID" --results-dir "$out"
+patchbench run "${with_val[@]}" --rf 7 --train-precision fp32 --patch "$GRID" --results-dir "$out"
 for rf in "${rfs[@]}"; do
-  patchbench attack --defense bagcert --rf "$rf" --train-precision bf16 --dataset fashion-mnist \
+  patchbench attack "${with_val[@]}" --rf "$rf" --train-precision bf16 \
     --patch 5x5,2x12,12x2 --n-images 500 --results-dir "$out"
 done
-patchbench attack --defense bagcert --rf 7 --dataset fashion-mnist --patch 5x5,2x12,12x2 \
+patchbench attack "${with_val[@]}" --rf 7 --train-precision fp32 --patch 5x5,2x12,12x2 \
   --n-images 500 --results-dir "$out"
 held_out=(--defense bagcert --train-precision bf16 --hold-out-val yes --dataset fashion-mnist)
 patchbench run "${held_out[@]}" --rf "${VAL_RFS:-5,7,9}" --split val --n-images 5000 \

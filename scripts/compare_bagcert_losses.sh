@@ -6,6 +6,7 @@
 set -euo pipefail
 results=${RESULTS:-results/loss-comparison}
 patches=5x5,2x12,12x2
-patchbench run --defense bagcert --patch "$patches" --results-dir "$results" "$@"
-patchbench run --defense bagcert --patch "$patches" --results-dir "$results" "$@" \
+model=(--defense bagcert --rf 7 --hold-out-val no --train-precision fp32)  # the first study's
+patchbench run "${model[@]}" --patch "$patches" --results-dir "$results" "$@"
+patchbench run "${model[@]}" --patch "$patches" --results-dir "$results" "$@" \
   --margin-weight 0 --cell-loss ce --vote-threshold 0.2

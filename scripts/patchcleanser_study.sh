@@ -18,7 +18,8 @@ source "$(dirname "$0")/grid.sh"
 val=${VALIDATION:-results/validation}/patchcleanser
 test=${RESULTS:-results}
 recipe=(--defense patchcleanser --dataset fashion-mnist --hold-out-val yes)
-candidates=("--width 32" "--width 48 --train-patch-max 8" "--width 48 --train-patch-max 8 --epochs 30")
+candidates=("--width 32 --train-patch-max 12 --epochs 20" "--width 48 --train-patch-max 8 --epochs 20"
+            "--width 48 --train-patch-max 8 --epochs 30")
 for candidate in "${candidates[@]}"; do
   read -ra params <<<"$candidate"
   patchbench run "${recipe[@]}" "${params[@]}" --split val --n-images 2000 \

@@ -100,6 +100,10 @@ cases({"run": (*RUN, "--dataset", "synthetic", "--patch", "2x2"),
        "attack": (*ATTACK, "--dataset", "synthetic", "--patch", "2x2", "--checkpoint", "{good}"),
        "bench": BENCH[:1] + BENCH[3:]}, {
     "unknown defense": (("--defense", "nope"), 2, f"Invalid value for '--defense': {AVAILABLE}"),
+})
+cases({"run": (*RUN, "--dataset", "synthetic", "--patch", "2x2"),
+       "train": (*TRAIN, "--dataset", "synthetic"),
+       "bench": BENCH[:1] + BENCH[3:]}, {
     "missing defense": ((), 2, "Missing option '--defense'"),
 })
 cases({"run": (*RUN, "--defense", "bagcert", "--patch", "2x2"),
@@ -229,11 +233,11 @@ cases({"run": (*RUN, "--patch", "2x2"), "attack": (*ATTACK, "--patch", "2x2")}, 
         "{art}/state-dict.pt is not a checkpoint file: torch.save data, but not written by "
         "patchbench"),
 })
-# run --checkpoint without --defense: the checkpoint's defense, dataset and parameters
-cases({"run": (*RUN, "--patch", "2x2")}, {
+# run/attack --checkpoint without --defense: the checkpoint's defense, dataset and parameters
+cases({"run": (*RUN, "--patch", "2x2"), "attack": (*ATTACK, "--patch", "2x2")}, {
     "neither defense nor checkpoint": (("--dataset", "synthetic"), 2,
                                        "Missing option '--defense'. Name one, or pass "
-                                       "--checkpoint."),
+                                       "--model or --checkpoint."),
     "checkpoint without defense, other parameter": (("--checkpoint", "{good}", "--rf", "7"), 2,
                                                     "checkpoint {good} was trained with rf=5, "
                                                     "not rf=7"),
@@ -421,7 +425,7 @@ INTERRUPTED = "Interrupted: finished results are kept."
 BAD_INPUT.update({
     "run: Ctrl-C": Bad((*COMMANDS["run"], "--checkpoint", "{good}"), 130, INTERRUPTED,
                        "patchbench.sweep.certify_split"),
-    "train: Ctrl-C": Bad(COMMANDS["train"], 130, INTERRUPTED, "patchbench.cli.train"),
+    "train: Ctrl-C": Bad(COMMANDS["train"], 130, INTERRUPTED, "patchbench.train.train"),
     "attack: Ctrl-C": Bad(COMMANDS["attack"], 130, INTERRUPTED, "patchbench.cli.attack_split"),
     "bench: Ctrl-C": Bad(COMMANDS["bench"], 130, INTERRUPTED, "patchbench.bench.run_bench"),
     "report: Ctrl-C": Bad(COMMANDS["report"], 130, INTERRUPTED, "patchbench.cli.build_report"),
@@ -560,7 +564,7 @@ def test_the_table_covers_every_case_of_the_issue_for_each_command() -> None:
         "bagcert width 0": {"run", "train", "bench"},
         "patchcleanser one mask of the whole image": {"run", "train", "bench"},
         "checkpoint is /dev/null": {"run", "attack"},
-        "neither defense nor checkpoint": {"run"},
+        "neither defense nor checkpoint": {"run", "attack"},
     }
     missing = [f"{command}: {case}" for case, commands in issue.items() for command in commands
                if f"{command}: {case}" not in BAD_INPUT]

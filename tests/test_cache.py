@@ -28,4 +28,4 @@ def test_every_recipe_field_changes_the_name():
 def test_new_recipe_fields_at_their_default_keep_old_names():
     # The name the first checkpoints were saved under, before hold_out_val existed.
     old_name = "fashion-mnist-bagcert-4e9a942edcfe"
-    assert key("bagcert", TrainConfig(epochs=8, crop_padding=2)) == old_name
+    assert key("bagcert", TrainConfig(epochs=8, crop_padding=2), rf=7) == old_name

@@ -29,8 +29,9 @@ from patchbench.stats import mcnemar
 
 N = 200  # test images of every hand-made cell
 DATASET = "synthetic"
-RF = {rf: f"bagcert rf={rf} train_precision=fp32" for rf in (5, 7, 9)}
-COLUMN = "ds-column ablation_size=4 threshold=0.2 train_precision=fp32"
+# rows without a recipe: trained before hold_out_val existed, so with val (not the default)
+RF = {rf: f"bagcert rf={rf} hold_out_val=no train_precision=fp32" for rf in (5, 7, 9)}
+COLUMN = "ds-column ablation_size=4 threshold=0.2 hold_out_val=no train_precision=fp32"
 
 
 def identity(defense: str, params: dict, sha: str) -> dict:
@@ -288,7 +289,7 @@ def test_val_rows_name_a_test_configuration_by_its_identity(tmp_path: Path, val_
     val = {**test, "params": '{"width": 8, "rf": 7}', "checkpoint_sha256": val_sha * 64}
     write_val(results / "validation" / "b", val, "b", 0.8, 0.4)
     text, tables = report(results, tmp_path / "out")
-    label = "bagcert rf=7 width=8 train_precision=fp32"
+    label = "bagcert rf=7 width=8 hold_out_val=no train_precision=fp32"
     if val_sha == "b":
         assert tables["headline"]["config"].tolist() == [label]
         assert tables["configurations"]["chosen on val"].tolist() == ["yes"]

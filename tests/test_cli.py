@@ -74,7 +74,7 @@ def test_defenses_lists_the_builtins() -> None:
 def test_defenses_verbose_lists_parameters() -> None:
     result = invoke("defenses", "--verbose")
     assert_clean_exit(result, 0)
-    assert "rf=7" in result.stdout and "ablation_size=4" in result.stdout
+    assert "rf=9" in result.stdout and "ablation_size=6" in result.stdout  # the val choices
 
 
 def read_cell(results_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -162,5 +162,5 @@ def test_training_options_default_to_the_defense_recipe():
 
     unset = {name.replace("-", "_"): None for name in TRAIN_OPTIONS}
     assert make_train_config(BagCert(), unset) == TrainConfig(**BagCert.train_defaults)
-    assert make_train_config(ColumnSmoothing(), unset).epochs == 12
+    assert make_train_config(ColumnSmoothing(), unset).epochs == 28
     assert make_train_config(BagCert(), {**unset, "epochs": 3}).epochs == 3

@@ -32,7 +32,8 @@ N_IMAGES = 8
 # test images (the one-epoch models of test_report are near uniform in eval mode).
 RECIPE = ["--defense", "ds-column", "--dataset", "synthetic", "--width", "8", "--epochs", "3",
           "--train-batch-size", "32", "--crop-padding", "0", "--max-train-images", "512",
-          "--seed", "0", "--device", "cpu"]
+          "--seed", "0", "--ablation-size", "4", "--hold-out-val", "no", "--train-precision",
+          "fp32", "--device", "cpu"]
 
 
 def invoke(cache: Path, *args: str) -> Result:

@@ -27,34 +27,34 @@ def defaults(defense: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(("defense", "shown"), [
-    ("bagcert", "rf=7"),
-    ("ds-column", "ablation_size=4 threshold=0.2"),  # s and theta
-    ("ds-block", "ablation_size=4 threshold=0.2"),
-    ("patchcleanser", "masks_per_axis=6"),
+    ("bagcert", "rf=9 train_precision=bf16"),
+    ("ds-column", "ablation_size=6 threshold=0.25 train_precision=bf16"),  # s and theta
+    ("ds-block", "ablation_size=14 threshold=0.4 train_precision=bf16"),
+    ("patchcleanser", "masks_per_axis=6 train_precision=fp32"),
 ])
 def test_the_naming_parameters_are_shown_even_at_their_defaults(defense: str, shown: str):
     params, recipe = defaults(defense)
-    assert config_label(defense, params, recipe) == f"{defense} {shown} train_precision=fp32"
+    assert config_label(defense, params, recipe) == f"{defense} {shown}"
 
 
 def test_other_parameters_and_recipe_fields_only_where_they_differ():
     params, recipe = defaults("bagcert")
     assert config_label("bagcert", {**params, "rf": 5, "width": 8, "cell_loss": "ce"},
-                        {**recipe, "epochs": 4, "hold_out_val": True}) == (
-        "bagcert rf=5 width=8 cell_loss=ce epochs=4 hold_out_val=yes train_precision=fp32")
-    # the recipe is compared with the defense's own defaults: 12 epochs is column smoothing's
+                        {**recipe, "epochs": 4, "hold_out_val": False}) == (
+        "bagcert rf=5 width=8 cell_loss=ce epochs=4 hold_out_val=no train_precision=bf16")
+    # the recipe is compared with the defense's own defaults: 28 epochs is column smoothing's
     params, recipe = defaults("ds-column")
-    assert config_label("ds-column", params, {**recipe, "epochs": 12}) == (
-        "ds-column ablation_size=4 threshold=0.2 train_precision=fp32")
+    assert config_label("ds-column", params, {**recipe, "epochs": 28}) == (
+        "ds-column ablation_size=6 threshold=0.25 train_precision=bf16")
     assert "epochs=8" in config_label("ds-column", params, {**recipe, "epochs": 8})
 
 
 def test_precisions_of_training_and_certification():
     params, recipe = defaults("bagcert")
-    assert config_label("bagcert", params, {**recipe, "precision": "bf16"}) == (
-        "bagcert rf=7 train_precision=bf16")
+    assert config_label("bagcert", params, {**recipe, "precision": "fp32"}) == (
+        "bagcert rf=9 train_precision=fp32")
     assert config_label("bagcert", params, recipe, cert_precision="fp16") == (
-        "bagcert rf=7 train_precision=fp32 cert_precision=fp16")
+        "bagcert rf=9 train_precision=bf16 cert_precision=fp16")
     assert "cert_precision" not in config_label("bagcert", params, recipe, "fp32")
     # a row without a recipe was trained in fp32 (the default before the field existed)
     assert config_label("bagcert", {"rf": 7}, {}) == "bagcert rf=7 train_precision=fp32"
@@ -98,4 +98,5 @@ def test_a_configuration_has_one_label_whoever_shares_its_folder(tmp_path: Path)
     assert report_labels(shared, tmp_path / "out-shared") == {
         "a" * 12: mine, "b" * 12: "bagcert rf=5 width=8 train_precision=fp32",
         "c" * 12: "bagcert rf=7 width=8 train_precision=bf16",
-        "d" * 12: "ds-column ablation_size=4 threshold=0.2 train_precision=fp32"}
+        "d" * 12: "ds-column ablation_size=4 threshold=0.2 hold_out_val=no "
+                  "train_precision=fp32"}

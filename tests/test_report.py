@@ -43,7 +43,8 @@ from patchbench.train import TrainConfig, train
 PATCHES = "3x3,5x5,2x12,12x2"
 IMAGES = 64  # the test images every cell of ``built`` certifies
 TINY = ["--dataset", "synthetic", "--n-images", str(IMAGES), "--width", "8", "--epochs", "1",
-        "--max-train-images", "256", "--device", "cpu"]
+        "--max-train-images", "256", "--hold-out-val", "no", "--train-precision", "fp32",
+        "--device", "cpu"]
 CERTIFIED_IMAGES, ATTACKED = 48, 16  # the accurate model: certified on 48, attacked on 16
 ATTACK_PATCHES = ("12x12", "18x18")  # it certifies some images at 12 x 12, none at 18 x 18
 ATTACK_BUDGET = ["--steps", "3", "--restarts", "1", "--position-stride", "28",
@@ -53,11 +54,13 @@ CRAFTED = {  # patch -> images (of 64) correct and certified tight, global; corr
     "3x3": (32, 28, 36), "5x5": (26, 19, 29), "2x12": (16, 12, 26), "12x2": (24, 13, 27)}
 UNKNOWN_SHA = "f" * 64
 # Labels (labels.config_label): the naming parameters always, then what differs from the
-# defense's defaults (width 8, one epoch on 256 images), then the training precision
-RECIPE = "width=8 epochs=1 max_images=256 train_precision=fp32"
+# defense's defaults (width 8, one epoch on 256 images, val not held out), then the training
+# precision
+RECIPE = "width=8 epochs=1 max_images=256 hold_out_val=no train_precision=fp32"
 RF5, RF7 = f"bagcert rf=5 {RECIPE}", f"bagcert rf=7 {RECIPE}"
 COLUMN = f"ds-column ablation_size=4 threshold=0.2 {RECIPE}"
-ACCURATE = "bagcert rf=5 cell_loss=ce lr=0.003 patch_max=3 patch_min=1 width=8 train_precision=fp32"
+ACCURATE = ("bagcert rf=5 cell_loss=ce lr=0.003 patch_max=3 patch_min=1 width=8 "
+            "hold_out_val=no train_precision=fp32")
 VAL = {5: (0.30, 0.02), 7: (0.60, 0.35)}  # rf -> val clean, certified (5x5 tight): rf 7 wins
 
 
@@ -191,7 +194,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     root = tmp_path_factory.mktemp("report")
     results, cache, out = root / "results", root / "cache", root / "reports"
-    for defense, extra in (("bagcert", ["--rf", "5"]), ("ds-column", [])):
+    for defense, extra in (("bagcert", ["--rf", "5"]),
+                           ("ds-column", ["--ablation-size", "4", "--threshold", "0.2"])):
         run = invoke("run", "--defense", defense, "--patch", PATCHES, *TINY, *extra,
                      "--results-dir", str(results), cache=cache)
         assert run.exit_code == 0, run.output
@@ -553,7 +557,8 @@ def test_an_attack_only_folder_gets_a_report(attacked: Built, tmp_path: Path) ->
     assert "no certified image was broken." in findings
 
 
-HANDMADE = "bagcert rf=5 train_precision=fp32"  # no recipe in its rows: none shown
+HANDMADE = "bagcert rf=5 hold_out_val=no train_precision=fp32"  # no recipe in its rows: the
+# fields of TrainConfig's defaults, as trained before they existed
 
 
 def write_handmade(results: Path) -> None:
@@ -803,15 +808,16 @@ def test_headline_is_the_val_choice_and_goes_into_readme(built: Built, tmp_path:
         section)
 
     readme = tmp_path / "README.md"
-    readme.write_text("# title\n\nbefore\n<!-- headline:start -->\nold\n<!-- headline:end -->\n"
-                      "after\n")
+    readme.write_text("# title\n\nbefore\n<!-- headline:start -->\nstale headline\n"
+                      "<!-- headline:end -->\nafter\n")
     result = invoke("report", "--results-dir", str(built.results), "--out", str(built.out),
                     "--gallery-images", "0", "--readme", str(readme))
     assert result.exit_code == 0, result.output
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n<!-- headline:start") and text.endswith(
         "<!-- headline:end -->\nafter\n")
-    assert "old" not in text and "| dataset | defense | config | images | clean (%) |" in text
+    assert "stale headline" not in text
+    assert "| dataset | defense | config | images | clean (%) |" in text
     assert f"| synthetic | bagcert | {RF7} | 64 | 62.5 [50.3, 73.3] |" in text
     assert text.count("\n| synthetic |") == len(headline)
     assert os.path.relpath(built.out, tmp_path) + "/report.md" in text

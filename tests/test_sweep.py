@@ -163,7 +163,7 @@ def test_a_certify_only_parameter_shares_one_model(tmp_path: Path,
     assert 0.4 in load_results(out)["param_threshold"].tolist()
     clash = invoke(*args, "--ablation-size", "2")
     assert_clean_exit(clash, 2)
-    assert "was trained with ablation_size=4, not ablation_size=2" in clash.stderr
+    assert "was trained with ablation_size=6, not ablation_size=2" in clash.stderr
 
 
 @pytest.fixture
