@@ -73,6 +73,7 @@ from patchbench.tables import (
     text_column,
 )
 from patchbench.train import TrainConfig
+from patchbench.zoo import shipped_names
 
 IDENTITY = ("defense", "dataset", "patch")
 RECIPE_DEFAULTS = {k: v for k, v in asdict(TrainConfig()).items() if k not in LEGACY_RECIPE_FIELDS}
@@ -543,8 +544,11 @@ def all_configurations(certified: pd.DataFrame, empirical: pd.DataFrame) -> pd.D
     only_attacked = empirical[~empirical["config_key"].isin(certified["config_key"])]
     rows = pd.concat([certified, only_attacked]) if len(certified) else only_attacked
     representative = newest(rows, ["config_key"]).sort_values("rank", kind="stable")
-    return configurations(representative.assign(
+    configs = configurations(representative.assign(
         clean_accuracy=[clean_of(row, certified) for row in representative.to_dict("records")]))
+    names = shipped_names()  # the zoo's: `patchbench run --model NAME` certifies it again
+    return configs.assign(model=text_column(representative, "checkpoint_sha256")
+                          .map(lambda sha: names.get(sha, "–")).to_numpy())
 
 
 def clean_of(row: dict, certified: pd.DataFrame) -> float:
@@ -616,7 +620,9 @@ def gallery_lines(results_dir: Path, certified: pd.DataFrame, configs: pd.DataFr
             continue
         classes = [str(c) for c in checkpoint.meta["classes"]]
         path = figures_dir / f"gallery_{number + 1}_{slug(name)}.png"
-        draw(examples, classes, f"{name}: patch {examples[0].patch}", path)
+        model = configs.loc[number, "model"]
+        draw(examples, classes, f"{name}{'' if model == '–' else f' ({model})'}: patch "
+             f"{examples[0].patch}", path)
         lines += figure_lines(f"Gallery of {name}", path.name)
         if all(isinstance(ex, Explanation) for ex in examples):
             masking += [explanation_record(name, ex, classes) for ex in examples]

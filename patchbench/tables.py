@@ -423,7 +423,9 @@ def headline_table(accuracy: pd.DataFrame, configs: pd.DataFrame,
         config = configs[(configs["dataset"] == best["dataset"])
                          & (configs["config"] == best["config"])].iloc[0]
         record = {"dataset": best["dataset"], "defense": best["defense"],
-                  "config": best["config"], "images": best["images"],
+                  "config": best["config"],
+                  **({"model": config["model"]} if "model" in config else {}),
+                  "images": best["images"],
                   "clean (%)": best["clean (%)"],
                   **{f"5x5 {c} (%)": best.get(f"{c} (%)", np.nan) for c in used}}
         for patch in HEADLINE_PATCHES:

@@ -267,3 +267,8 @@ def update_readme(readme: Path, models: list[ZooModel], numbers: dict[str, Numbe
              "other than a defense's defaults are shown. `patchbench models --json` has every "
              "field.", ""]
     write_block(readme, ZOO_BLOCK, "patchbench models --readme", lines)
+
+
+def shipped_names() -> dict[str, str]:
+    """Checkpoint hash -> zoo name of every shipped model (how a report names its models)."""
+    return {m.sha256: m.name for m in zoo_models(include_cache=False)}

@@ -293,7 +293,7 @@ def test_accuracies_carry_their_wilson_intervals(built: Built) -> None:
     assert bracket == "40.6 [29.5, 52.9]"  # worked by hand: 26 of 64
     text = (built.out / "report.md").read_text()
     headline_md = text.split("## Headline")[1].split("##")[0]
-    assert f"| {RF7} | 64 | 62.5 [50.3, 73.3] | {bracket} |" in headline_md
+    assert f"| {RF7} | – | 64 | 62.5 [50.3, 73.3] | {bracket} |" in headline_md
     assert " low |" not in text and " high |" not in text  # the bounds are folded in
 
 
@@ -817,8 +817,8 @@ def test_headline_is_the_val_choice_and_goes_into_readme(built: Built, tmp_path:
     assert text.startswith("# title\n\nbefore\n<!-- headline:start") and text.endswith(
         "<!-- headline:end -->\nafter\n")
     assert "stale headline" not in text
-    assert "| dataset | defense | config | images | clean (%) |" in text
-    assert f"| synthetic | bagcert | {RF7} | 64 | 62.5 [50.3, 73.3] |" in text
+    assert "| dataset | defense | config | model | images | clean (%) |" in text
+    assert f"| synthetic | bagcert | {RF7} | – | 64 | 62.5 [50.3, 73.3] |" in text
     assert text.count("\n| synthetic |") == len(headline)
     assert os.path.relpath(built.out, tmp_path) + "/report.md" in text
     again = invoke("report", "--results-dir", str(built.results), "--out", str(built.out),
