@@ -41,7 +41,7 @@ class BagCertConfig(DefenseConfig):
     cell_weight: float = 1.0  # weight of the per-cell loss
     vote_threshold: float = 0.0  # > 0: score = log softmax - log(threshold), so a cell votes
     #                              for every class whose softmax reaches the threshold
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam learning rate (cosine schedule)
 
 
 class Heaviside(torch.autograd.Function):

@@ -51,10 +51,10 @@ class PatchCleanserConfig(DefenseConfig):
     base: str = SMALL_CNN  # base classifier: "small-cnn" or any timm model name
     width: int = 48  # channels of the first small-CNN layer (doubled twice)
     train_patch_min: int = 1  # training draws each patch side uniformly from this range
-    train_patch_max: int = 8
+    train_patch_max: int = 8  # (sides drawn from [train_patch_min, train_patch_max])
     train_masks_per_axis: int = 6  # k of the mask sets that training draws from
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
+    lr: float = 1e-3  # AdamW learning rate (cosine schedule)
+    weight_decay: float = 5e-4  # AdamW weight decay
 
 
 def axis_masks(n: int, patch: int, k: int) -> AxisMasks:

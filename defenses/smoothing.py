@@ -46,9 +46,9 @@ class SmoothingConfig(DefenseConfig):
     threshold: float = 0.2  # theta: a class gets a cell's vote iff its softmax >= theta
     base: str = SMALL_CNN  # base classifier: "small-cnn" or any timm model name
     width: int = 32  # channels of the first small-CNN layer (doubled twice)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    lr: float = 0.1  # SGD learning rate (cosine schedule)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # SGD weight decay
 
 
 def vote_map_hw(mode: str, image_hw: tuple[int, int]) -> tuple[int, int]:

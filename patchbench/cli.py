@@ -39,8 +39,10 @@ from patchbench.defense import (
     ParameterError,
     UnknownDefenseError,
     get_defense,
+    parameters,
     registered_defenses,
 )
+from patchbench.labels import value_text
 from patchbench.options import (
     CheckpointPath,
     DeviceType,
@@ -105,22 +107,46 @@ def main() -> None:
 
 
 @cli.command("defenses")
+@click.argument("name", required=False)
 @click.option("-v", "--verbose", is_flag=True, help="Also list each defense's parameters.")
-def defenses_command(verbose: bool) -> None:
-    """List the registered defenses (built-in and plugins)."""
+def defenses_command(name: str | None, verbose: bool) -> None:
+    """List the registered defenses (built-in and plugins), or one defense's parameters."""
+    if name is not None:
+        try:
+            show_parameters(get_defense(name))
+        except DefenseNotFoundError as err:
+            raise click.BadParameter(str(err), param_hint="'NAME'") from None
+        return
     table = Table("name", "distribution", "description", *(["parameters"] if verbose else []))
-    for name, reg in registered_defenses().items():
+    for key, reg in registered_defenses().items():
         try:
             cls = reg.load()
         except Exception as err:  # a broken plugin is a warning, not a failure
-            click.echo(f"warning: defense {name!r} from {reg.distribution} failed to load: "
+            click.echo(f"warning: defense {key!r} from {reg.distribution} failed to load: "
                        f"{type(err).__name__}: {err}", err=True)
             continue
-        row = [name, reg.distribution, cls.description]
+        row = [key, reg.distribution, cls.description]
         if verbose:
             row.append(", ".join(f"{k}={v}" for k, v in cls().params().items()))
         table.add_row(*row)
     Console().print(table)
+    click.echo("parameters of one: patchbench defenses NAME", err=True)
+
+
+def show_parameters(cls: type[Defense]) -> None:
+    """``patchbench defenses NAME``: every parameter as an option, with type, default, help."""
+    table = Table("option", "type", "default", "help",
+                  title=f"{cls.name}: {cls.description}; conditions {', '.join(cls.conditions)}")
+    for param in parameters(cls):
+        note = " (certification only: one trained model serves every value)" \
+            if param.certify_only else ""
+        table.add_row(f"--{param.name.replace('_', '-')}", param.kind, str(param.default),
+                      param.help + note)
+    Console().print(table)
+    recipe = make_train_config(cls(), {name.replace("-", "_"): None for name in TRAIN_OPTIONS})
+    click.echo("training recipe (options of run and train): " + ", ".join(
+        f"--{option} {value_text(getattr(recipe, field))}"
+        for option, (field, _, _) in TRAIN_OPTIONS.items()))
 
 
 @cli.command("models")
@@ -311,7 +337,9 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
     """Certify every model configuration of a sweep, training missing models.
 
     Defense parameters follow as --name value or --name v1,v2 (e.g. --rf 5,7,9); the
-    cartesian product gives the cells. Finished cells are skipped (--force recomputes).
+    cartesian product gives the cells; `patchbench defenses NAME` lists a defense's
+    parameters with their types, defaults and meaning. Finished cells are skipped (--force
+    recomputes). `patchbench models` lists the shipped models for --model.
     """
     params = {k: v.split(",") for k, v in parse_extra_params(ctx.args).items()}
     if model_name is not None:

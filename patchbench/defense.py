@@ -12,11 +12,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
+import re
+import typing
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -223,27 +225,102 @@ def _coerce(value: Any, kind: type, key: str) -> Any:
         raise ValueError(f"parameter {key!r} expects {kind.__name__}, got {value!r}") from None
 
 
+class PluginError(TypeError):
+    """A defense class that breaks the contract: found when it is registered or loaded, before
+    any training, with a message that names the plugin."""
+
+
+PARAMETER_TYPES = (int, float, str, bool)  # what a Config field (a --name value option) may be
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def check_defense_class(cls: object, origin: str) -> type[Defense]:
+    """``cls`` if it keeps the contract the harness relies on before any work (README,
+    "Writing a defense"); else PluginError("defense plugin <origin>: <what is wrong>")."""
+    def fail(why: str) -> NoReturn:
+        raise PluginError(f"defense plugin {origin}: {why}")
+
+    if not (isinstance(cls, type) and issubclass(cls, Defense)):
+        fail("is not a patchbench Defense subclass")
+    if not (isinstance(cls.name, str) and NAME.match(cls.name)):
+        fail(f"name {cls.name!r} must be a non-empty word (letters, digits, '-', '_', '.')")
+    if not isinstance(cls.description, str):
+        fail("description must be a string")
+    config = cls.Config
+    if not (isinstance(config, type) and dataclasses.is_dataclass(config)
+            and issubclass(config, DefenseConfig)):
+        fail("Config must be a dataclass that subclasses DefenseConfig")
+    try:
+        hints = typing.get_type_hints(config)
+    except Exception as err:  # an annotation naming something that does not exist
+        fail(f"Config annotations do not resolve ({type(err).__name__}: {err})")
+    for f in dataclasses.fields(config):
+        kind = hints.get(f.name)
+        if kind not in PARAMETER_TYPES:
+            fail(f"Config field {f.name!r} is of type {getattr(kind, '__name__', kind)}; a "
+                 "parameter is an int, float, str or bool")
+        if f.default is dataclasses.MISSING:
+            fail(f"Config field {f.name!r} has no default")
+        if type(f.default) is not kind:
+            fail(f"Config field {f.name!r} is annotated {kind.__name__} but its default "
+                 f"{f.default!r} is a {type(f.default).__name__}")
+    if not (isinstance(cls.conditions, tuple) and cls.conditions
+            and all(isinstance(c, str) and NAME.match(c) for c in cls.conditions)):
+        fail(f"conditions must be a non-empty tuple of names, not {cls.conditions!r}")
+    fields = {f.name for f in dataclasses.fields(config)}
+    for attribute in ("certify_params", "label_params"):
+        unknown = sorted(set(getattr(cls, attribute)) - fields)
+        if unknown:
+            fail(f"{attribute} names {unknown}, which are not Config fields")
+    if not isinstance(cls.train_defaults, dict):
+        fail("train_defaults must be a dict of TrainConfig fields")
+    return cls
+
+
 @dataclass(frozen=True)
 class RegisteredDefense:
-    """One entry point of the group, loaded or not."""
+    """One registered defense, loaded or not: an entry point of the group, or a class given
+    to ``register_defense`` in this process."""
 
     name: str
-    distribution: str
-    entry_point: EntryPoint
+    distribution: str  # the providing distribution; "<this process>" for register_defense
+    entry_point: EntryPoint | None = None
+    defense: type[Defense] | None = None
 
     def load(self) -> type[Defense]:
-        cls = self.entry_point.load()
-        if not (isinstance(cls, type) and issubclass(cls, Defense)):
-            raise TypeError(f"{self.entry_point.value} is not a patchbench Defense subclass")
-        return cls
+        if self.defense is not None:
+            return self.defense
+        origin = f"{self.name!r} ({self.entry_point.value} from {self.distribution})"
+        return check_defense_class(self.entry_point.load(), origin)
+
+
+IN_PROCESS = "<this process>"
+_registered_here: dict[str, type[Defense]] = {}
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    """Register a defense class in this process (a notebook, a test), beside the entry points;
+    usable as a class decorator. Checked at once (``check_defense_class``); a name an entry
+    point already provides is refused. Local runs see it; worker processes (``--n-jobs`` > 1,
+    Ray) import defenses afresh and see only entry points."""
+    check_defense_class(cls, repr(getattr(cls, "__qualname__", cls)))
+    taken = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if cls.name in taken:
+        dist = taken[cls.name].dist.name if taken[cls.name].dist is not None else "?"
+        raise PluginError(f"defense plugin {cls.__qualname__!r}: the name {cls.name!r} is "
+                          f"registered by {dist}")
+    _registered_here[cls.name] = cls
+    return cls
 
 
 def registered_defenses() -> dict[str, RegisteredDefense]:
-    """Every entry point in the group, without importing any of them."""
+    """Every registered defense (entry points and ``register_defense``), none imported."""
     found = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist is not None else "?"
         found.setdefault(ep.name, RegisteredDefense(ep.name, dist, ep))
+    for name, cls in _registered_here.items():
+        found.setdefault(name, RegisteredDefense(name, IN_PROCESS, defense=cls))
     return dict(sorted(found.items()))
 
 
@@ -277,3 +354,40 @@ def get_defense(name: str) -> type[Defense]:
     except Exception as err:
         raise UnknownDefenseError(f"defense {name!r} from {registry[name].distribution} "
                                   f"failed to load: {type(err).__name__}: {err}") from err
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One Config field as ``patchbench defenses NAME`` shows it."""
+
+    name: str
+    kind: str  # int, float, str or bool
+    default: Any
+    help: str  # the field's trailing comment in its source, if any
+    certify_only: bool
+
+
+def parameters(cls: type[Defense]) -> list[Parameter]:
+    """The defense's parameters: Config fields with their type, default and the comment that
+    follows each in the source (the nearest class of the Config's MRO that defines it)."""
+    hints = typing.get_type_hints(cls.Config)
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.Config.__mro__):
+        comments.update(_field_comments(klass))
+    return [Parameter(f.name, getattr(hints.get(f.name), "__name__", str(hints.get(f.name))),
+                      f.default, comments.get(f.name, ""), f.name in cls.certify_params)
+            for f in dataclasses.fields(cls.Config)]
+
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:\s*[^=#]+=[^#]*#\s*(.+?)\s*$")
+
+
+def _field_comments(klass: type) -> dict[str, str]:
+    """``name: type = default  # help`` lines of a class body -> {name: help}."""
+    import inspect  # only when parameters are shown
+
+    try:
+        lines = inspect.getsourcelines(klass)[0]
+    except (OSError, TypeError):  # built in C, or no source at hand
+        return {}
+    return {m[1]: m[2] for m in map(_FIELD_LINE.match, lines) if m}

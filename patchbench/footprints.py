@@ -33,6 +33,20 @@ class Footprints:
     cyclic: bool
 
     def __post_init__(self) -> None:
+        # hashable plain values only: footprints are cache keys of the core (a list, or a
+        # numpy integer, would fail there, far from the defense that built it)
+        if not (isinstance(self.map_hw, tuple) and len(self.map_hw) == 2
+                and all(_is_int(n) and n > 0 for n in self.map_hw)):
+            raise TypeError(f"Footprints map_hw must be a tuple of two positive ints, got "
+                            f"{self.map_hw!r}")
+        for axis, intervals in (("rows", self.rows), ("cols", self.cols)):
+            if not (isinstance(intervals, tuple) and all(
+                    isinstance(i, tuple) and len(i) == 2 and all(map(_is_int, i))
+                    for i in intervals)):
+                raise TypeError(f"Footprints {axis} must be a tuple of (start, length) tuples "
+                                f"of ints, got {type(intervals).__name__} {intervals!r}"[:200])
+        if not isinstance(self.cyclic, bool):
+            raise TypeError(f"Footprints cyclic must be a bool, got {self.cyclic!r}")
         for axis, intervals, size in (("row", self.rows, self.map_hw[0]),
                                       ("column", self.cols, self.map_hw[1])):
             if not intervals:
@@ -85,3 +99,7 @@ def cyclic_intervals(n_pixels: int, patch_len: int, band: int) -> tuple[Interval
 def _check_len(n_pixels: int, patch_len: int) -> None:
     if not 1 <= patch_len <= n_pixels:
         raise ValueError(f"a patch side of {patch_len} does not fit in {n_pixels} pixels")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

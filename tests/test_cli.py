@@ -164,3 +164,31 @@ def test_training_options_default_to_the_defense_recipe():
     assert make_train_config(BagCert(), unset) == TrainConfig(**BagCert.train_defaults)
     assert make_train_config(ColumnSmoothing(), unset).epochs == 28
     assert make_train_config(BagCert(), {**unset, "epochs": 3}).epochs == 3
+
+
+def test_defenses_name_shows_each_parameter_with_type_default_and_help() -> None:
+    result = invoke("defenses", "ds-column")
+    assert_clean_exit(result, 0)
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines()
+             if line.startswith("│ --")}
+    assert {"--ablation-size", "--threshold", "--width", "--lr"} <= set(lines)
+    assert "int" in lines["--ablation-size"] and " 6 " in lines["--ablation-size"]
+    assert "certification only" in result.stdout  # the threshold
+    assert "--epochs 28" in result.stdout and "--hold-out-val yes" in result.stdout
+    unknown = invoke("defenses", "nope")
+    assert_clean_exit(unknown, 2)
+    assert "Invalid value for 'NAME': unknown defense 'nope'" in unknown.stderr
+
+
+def test_the_plugin_api_imports_without_the_harness_s_heavy_packages() -> None:
+    """What a plugin imports (patchbench.defense, .footprints, .patches, .certify) loads
+    torch and nothing of pandas, click, rich, seaborn, matplotlib or joblib."""
+    import subprocess
+    import sys
+
+    code = ("import sys, patchbench.defense, patchbench.footprints, patchbench.patches, "
+            "patchbench.certify; print(' '.join(sorted(m for m in ('pandas', 'click', 'rich', "
+            "'seaborn', 'matplotlib', 'joblib') if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == ""
