@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from patchbench.atomic import atomic_path
-from patchbench.defense import Defense, UnknownDefenseError, get_defense
+from patchbench.defense import Defense, UnknownDefenseError, defense_code, get_defense
 
 FORMAT = 1
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive
@@ -52,7 +52,8 @@ def save_checkpoint(path: str | Path, defense: Defense, model: nn.Module,
     """Write atomically (temp file + rename); return the content hash."""
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "defense": defense.name, "params": defense.params(), **meta}
+    meta = {"format": FORMAT, "defense": defense.name, "params": defense.params(),
+            "code": defense_code(type(defense)), **meta}
     meta = json.loads(json.dumps(meta))  # plain JSON types only, as the hash sees them
     sha = content_hash(meta, state)
     try:

@@ -522,7 +522,8 @@ def attack_command(ctx: click.Context, defense_name: str | None, patch_lists, da
         checkpoint = find_checkpoint(key)
         if checkpoint is None:
             raise CheckpointError(f"no trained model {key}: train it first (patchbench train "
-                                  f"--defense {defense_name} ...) or pass --checkpoint")
+                                  f"--defense {defense_name} ...), or pass --model NAME "
+                                  "(patchbench models lists them) or --checkpoint")
     loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
     given = {k: defense.params()[k] for k in extra}
     clash = parameter_clash(loaded, given)

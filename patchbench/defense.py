@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 import math
 import re
 import typing
@@ -391,3 +392,31 @@ def _field_comments(klass: type) -> dict[str, str]:
     except (OSError, TypeError):  # built in C, or no source at hand
         return {}
     return {m[1]: m[2] for m in map(_FIELD_LINE.match, lines) if m}
+
+
+def defense_code(cls: type[Defense]) -> dict[str, str]:
+    """Which code a defense's results come from: the distribution that provides it, its
+    version, and a SHA-256 over the source files of the classes it is built from (the
+    harness's own base classes excepted), so that a report can tell cells of one
+    configuration computed by different code apart."""
+    import inspect  # only when results are written
+
+    registration = registered_defenses().get(cls.name)
+    entry = registration.entry_point if registration else None
+    dist = entry.dist if entry is not None else None
+    digest = hashlib.sha256()
+    files = []
+    for klass in cls.__mro__:
+        if klass.__module__ in (__name__, "abc", "builtins"):
+            continue
+        try:
+            path = inspect.getsourcefile(klass)
+        except TypeError:  # built in C
+            path = None
+        if path and path not in files:
+            files.append(path)
+            with open(path, "rb") as fh:
+                digest.update(fh.read())
+    return {"defense_distribution": registration.distribution if registration else "?",
+            "defense_version": dist.version if dist is not None else "",
+            "defense_source_sha256": digest.hexdigest() if files else ""}

@@ -319,6 +319,7 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
         gains = gain_table(accuracy.frame, paired)
         sentences += findings(accuracy.frame, configs, gains, params, chosen, paired)
         sentences += chance_sentences(configs)
+        sentences += code_sentences(configs)
         talk = talk_table(accuracy.frame, configs, params, chosen, paired,
                           bench_rows(results_dir))
         if talk is not None:
@@ -548,7 +549,31 @@ def all_configurations(certified: pd.DataFrame, empirical: pd.DataFrame) -> pd.D
         clean_accuracy=[clean_of(row, certified) for row in representative.to_dict("records")]))
     names = shipped_names()  # the zoo's: `patchbench run --model NAME` certifies it again
     return configs.assign(model=text_column(representative, "checkpoint_sha256")
-                          .map(lambda sha: names.get(sha, "–")).to_numpy())
+                          .map(lambda sha: names.get(sha, "–")).to_numpy(),
+                          **{"defense code": configs["key"].map(code_of(rows))
+                             .fillna("–").to_numpy()})
+
+
+def code_of(rows: pd.DataFrame) -> dict[str, str]:
+    """config_key -> the defense source hash (12 characters) its rows were computed with,
+    "differs: a, b" where its cells come from different code, "–" for rows older than the
+    column."""
+    if "defense_source_sha256" not in rows:
+        return {}
+    found = {}
+    for key, hashes in rows.groupby("config_key")["defense_source_sha256"]:
+        seen = sorted({h[:12] for h in hashes.dropna().astype(str) if h})
+        found[key] = ("–" if not seen else seen[0] if len(seen) == 1
+                      else "differs: " + ", ".join(seen))
+    return found
+
+
+def code_sentences(configs: pd.DataFrame) -> list[str]:
+    """A finding for every configuration whose cells come from different defense code."""
+    mixed = configs[configs["defense code"].astype(str).str.startswith("differs")]
+    return [f"**Different code**: the cells of {row['config']} were computed by different "
+            f"versions of the defense's source ({row['defense code'].removeprefix('differs: ')}"
+            "); compare them with care." for row in mixed.to_dict("records")]
 
 
 def clean_of(row: dict, certified: pd.DataFrame) -> float:

@@ -24,6 +24,7 @@ import torch
 from patchbench.atomic import atomic_path
 from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData
+from patchbench.defense import defense_code
 from patchbench.evaluate import Evaluation
 from patchbench.train import TrainConfig
 
@@ -108,7 +109,7 @@ def model_columns(cell: str, checkpoint: Checkpoint, data: ImageData) -> dict[st
             "seed": checkpoint.meta.get("train", {}).get("train_seed", 0),
             # how the model was trained; ``precision`` (provenance_columns) is how it certified
             "train_precision": checkpoint.meta.get("train", {}).get("train_precision", "fp32"),
-            "checkpoint_sha256": checkpoint.sha256}
+            "checkpoint_sha256": checkpoint.sha256, **defense_code(type(defense))}
 
 
 def provenance_columns(device: torch.device, precision: str = "fp32") -> dict[str, str]:

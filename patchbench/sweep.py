@@ -186,8 +186,8 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
     todo_ids = {cell.id for cell in todo}
     for cell in cells:
         if cell.id not in todo_ids:
-            log(f"cell {cell.id} ({cell.label}): finished earlier{finished_model(cell)}, "
-                "skipped (force recomputes)")
+            log(f"cell {cell.id} ({cell.label}): finished earlier, skipped "
+                f"({finished_model(cell)}force recomputes)")
     announce_training(todo, allow_train, data_dir, download, device_text)
     outcomes: list[Outcome] = []
     with progress_bar(show_progress) as bar:
@@ -508,11 +508,11 @@ def model_text(path: str | Path, sha256: str) -> str:
 
 
 def finished_model(cell: Cell) -> str:
-    """", model NAME" (or the file) of a finished cell whose model is at hand, without
+    """"model NAME; " (or the file) of a finished cell whose model is at hand, without
     loading it; "" where it is not (trained elsewhere, a plugin's)."""
     path = Path(cell.checkpoint) if cell.checkpoint else (
         find_checkpoint(cell.model) if cell.model else None)
-    return f", model {name_of(path) or path}" if path else ""
+    return f"model {name_of(path) or path}; " if path else ""
 
 
 def untrained(cells: Sequence[Cell]) -> list[Cell]:

@@ -298,3 +298,25 @@ def test_val_rows_name_a_test_configuration_by_its_identity(tmp_path: Path, val_
         assert tables["configurations"]["chosen on val"].tolist() == ["no"]
         assert (f"bagcert on {DATASET}: the configuration chosen on val has no test rows "
                 "here.") in text
+
+
+def test_a_configuration_whose_cells_come_from_different_code_is_flagged(tmp_path: Path):
+    """Rows record a hash of the defense's source; one configuration computed by two versions
+    of it is named in the findings, and the configurations table says "differs"."""
+    results = tmp_path / "results"
+    config = identity("bagcert", {"rf": 7}, "a" * 64)
+    write_cell(results, {**config, "defense_source_sha256": "1" * 64}, "first", 150,
+               {("tight", "5x5"): 80})
+    write_cell(results, {**config, "defense_source_sha256": "2" * 64}, "second", 150,
+               {("tight", "2x12"): 70})
+    text, tables = report(results, tmp_path / "out")
+    assert tables["configurations"]["defense code"].tolist() == [
+        f"differs: {'1' * 12}, {'2' * 12}"]
+    assert any(f.startswith("**Different code**: the cells of bagcert rf=7")
+               for f in findings_of(text))
+    alone = tmp_path / "alone"
+    write_cell(alone, {**config, "defense_source_sha256": "1" * 64}, "first", 150,
+               {("tight", "5x5"): 80})
+    text, tables = report(alone, tmp_path / "out-alone")
+    assert tables["configurations"]["defense code"].astype(str).tolist() == ["1" * 12]
+    assert not any("Different code" in f for f in findings_of(text))

@@ -19,7 +19,7 @@ from patchbench.patches import parse_patches
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 64
-CELLS = ["05fd8a5119d8ac80",  # BagCert rf 7, fp32 (README's first command)
+CELLS = ["05fd8a5119d8ac80",  # BagCert rf 7, fp32 (the first study's headline)
          "02f04f1adf0d4d71",  # row smoothing s 6, θ 0.3
          "0f0147906104a773"]  # column smoothing
 
