@@ -3,14 +3,15 @@ plugin, never after training; ``register_defense`` adds a defense in-process (a 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
-from torch import nn
 
 from patchbench import defense as registry
 from patchbench.cli import cli
@@ -20,40 +21,27 @@ from patchbench.defense import (
     PluginError,
     RegisteredDefense,
     UnknownDefenseError,
-    VoteMapDefense,
     get_defense,
     register_defense,
 )
-from patchbench.footprints import Footprints, clipped_intervals
+from patchbench.footprints import Footprints
 from patchbench.sweep import run_sweep
 
 
-@dataclass
-class PixelConfig(DefenseConfig):
-    lr: float = 0.01  # Adam's learning rate
+def example_plugin() -> ModuleType:
+    """The example plugin's module (tests/plugins/example), imported from its source file."""
+    path = Path(__file__).parent / "plugins" / "example" / "src" / "patchbench_example" / \
+        "__init__.py"
+    spec = importlib.util.spec_from_file_location("example_plugin_source", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class PixelVote(VoteMapDefense):
-    """Every pixel a cell that votes (README's example plugin)."""
+class PixelVote(example_plugin().PixelVote):
+    """The example plugin's defense under a name no entry point has."""
 
     name = "pixel-vote-here"
-    description = "each pixel votes on its own"
-    Config = PixelConfig
-
-    def build_model(self, in_shape, num_classes):
-        return nn.Conv2d(in_shape[0], num_classes, 1)
-
-    def loss(self, model, images, labels, step):
-        scores = model(images).mean(dim=(2, 3))
-        return F.cross_entropy(scores, labels), scores.argmax(1)
-
-    def votes(self, model, images):
-        return model(images) > 0
-
-    def footprints(self, patch, image_hw):
-        h, w = image_hw
-        return Footprints((h, w), clipped_intervals(h, patch.height, 1, 1, 0, h),
-                          clipped_intervals(w, patch.width, 1, 1, 0, w), cyclic=False)
 
 
 @pytest.fixture
