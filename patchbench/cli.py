@@ -61,7 +61,7 @@ from patchbench.zoo import UnknownModelError, ZooModel, find_model
 
 # Errors a user can cause: shown as one line, never as a traceback.
 USER_ERRORS = (DatasetNotFoundError, DatasetFormatError, CheckpointError, UnknownDefenseError,
-               ResultsError)
+               ResultsError, zoo.ZooError)
 EXTRA_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 

@@ -90,8 +90,10 @@ class Entry:
     about: str = ""
 
 
-def read_manifest(path: Path = MANIFEST) -> dict[str, Entry]:
-    """name -> entry of ``zoo.toml``; a malformed manifest is a ZooError naming the entry."""
+def read_manifest(path: Path | None = None) -> dict[str, Entry]:
+    """name -> entry of ``zoo.toml`` (default MANIFEST); a malformed manifest is a ZooError
+    naming the entry."""
+    path = path or MANIFEST
     if not path.is_file():
         return {}
     try:

@@ -185,3 +185,22 @@ def test_a_missing_model_is_announced_with_its_time_or_refused_with_no_train(
     assert re.search(r"trained first: about \d+ (s|min) \([\d,]+ steps at \d+ ms, measured on "
                      r"cpu\)", trained.stderr)
     assert announced < trained.stderr.index("saved ")
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ("[fmnist-x]\nfile = 'nowhere.pt'\n", "model 'fmnist-x': its checkpoint"),
+    ("[fmnist-x]\nfile = 3\n", "entry 'fmnist-x' needs file"),
+    ("[fmnist-x\n", "malformed model zoo"),
+])
+def test_a_broken_zoo_is_a_one_line_error(manifest: str, message: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import patchbench.zoo as zoo
+
+    path = tmp_path / "zoo.toml"
+    path.write_text(manifest)
+    monkeypatch.setattr(zoo, "MANIFEST", path)
+    for args in (["models"], ["run", "--model", "fmnist-x", "--patch", "5x5"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("Error: ") and message in line
