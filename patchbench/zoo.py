@@ -20,8 +20,9 @@ import pandas as pd
 import tomllib
 import torch
 
-from patchbench.cache import SHIPPED, cache_dir
+from patchbench.cache import SHIPPED, cache_dir, model_key
 from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_header
+from patchbench.defense import get_defense
 from patchbench.labels import param_parts
 from patchbench.readme import markdown_table, write_block
 from patchbench.results import ResultsError, load_results, metric_of
@@ -214,7 +215,8 @@ def name_of(path: str | Path) -> str | None:
 
 def model_record(model: ZooModel, numbers: Numbers | None) -> dict[str, Any]:
     """Everything about a model as plain JSON types (``patchbench models --json``)."""
-    record = {**dataclasses.asdict(model), "path": str(model.path)}
+    record = {**dataclasses.asdict(model), "path": str(model.path),
+              "default": is_default(model)}
     if numbers is None:
         return {**record, "test": None}
     clean, certified = numbers.clean, numbers.certified
@@ -226,7 +228,7 @@ def model_record(model: ZooModel, numbers: Numbers | None) -> dict[str, Any]:
 
 
 ZOO_COLUMNS = ["name", "defense", "parameters", "training", "dataset", "clean (%)",
-               f"{ZOO_PATCH} certified (%)", "test images", "size", "sha256"]
+               f"{ZOO_PATCH} certified (%)", "test images", "default of", "size", "sha256"]
 
 
 def zoo_table(models: list[ZooModel], numbers: dict[str, Numbers]) -> list[list[str]]:
@@ -241,8 +243,21 @@ def zoo_table(models: list[ZooModel], numbers: dict[str, Numbers]) -> list[list[
             *((interval_text(found.clean), interval_text(found.certified)
                + ("" if found.condition in ("tight", "masking") else f" ({found.condition})"),
                str(found.n_images)) if found else ("–", "–", "–")),
+            f"--defense {model.defense}" if is_default(model) else "",
             f"{model.size_bytes / 1024:.0f} KiB", model.sha256[:12]])
     return rows
+
+
+def is_default(model: ZooModel) -> bool:
+    """The model ``run --defense <its defense>`` certifies on its dataset: the defense's
+    default configuration (parameters and recipe) is this checkpoint's."""
+    try:
+        cls = get_defense(model.defense)
+        default = cls()
+    except Exception:  # a plugin that is not installed: not anyone's default here
+        return False
+    key = model_key(default, model.dataset, TrainConfig(**cls.train_defaults))
+    return model.path.stem == key and model.params == default.params()
 
 
 def recipe_text(recipe: dict[str, Any]) -> str:

@@ -114,6 +114,10 @@ def test_models_lists_every_model_as_json_and_as_a_table(isolated_cache: Path) -
     assert first["test"]["n_images"] == 10_000
     assert first["test"]["clean_low"] < first["test"]["clean_accuracy"] < first["test"][
         "clean_high"]
+    defaults = {r["defense"]: r["name"] for r in records if r["default"]}
+    assert defaults == {"bagcert": "fmnist-bagcert-rf9", "ds-column": "fmnist-column-s6",
+                        "ds-row": "fmnist-row-s6", "ds-block": "fmnist-block-s14",
+                        "patchcleanser": "fmnist-patchcleanser-w48-30ep"}
     table = CliRunner().invoke(cli, ["models"])
     assert table.exit_code == 0
     assert all(name in table.stdout for name in read_manifest())
