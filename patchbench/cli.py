@@ -247,7 +247,7 @@ def train_announced(defense: Defense, dataset: str, data_dir: Path | None, downl
     try:
         click.echo(f"training {defense.name} on {dataset}: "
                    f"{estimate_text(defense, data, config, device)}", err=True)
-        train_and_save(defense, dataset, data_dir, download, config, device, output,
+        train_and_save(defense, data, config, device, output,
                        log=lambda message: click.echo(message, err=True))
     except ValueError as err:
         raise click.UsageError(str(err)) from None
@@ -533,8 +533,9 @@ def attack_command(ctx: click.Context, defense_name: str | None, patch_lists, da
     loaded = dataclasses.replace(loaded, defense=type(defense).from_params(
         {**loaded.defense.params(), **given}))
     check_defense(loaded.defense, data.in_shape)
-    if loaded.defense.unsupported("attack"):  # "attack not supported by <defense>: ..."
-        raise click.ClickException(loaded.defense.unsupported("attack"))
+    unsupported = loaded.defense.unsupported("attack")  # "attack not supported by ..."
+    if unsupported:
+        raise click.ClickException(unsupported)
     click.echo(f"model {model_text(checkpoint, loaded.sha256)}", err=True)
     budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
                              for name, (field, _, _) in ATTACK_OPTIONS.items()})

@@ -13,7 +13,6 @@ import hashlib
 import json
 import platform
 import subprocess
-from dataclasses import fields
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData
 from patchbench.defense import defense_code
 from patchbench.evaluate import Evaluation
-from patchbench.train import TrainConfig
+from patchbench.train import trained_recipe
 
 
 class ResultsError(OSError):
@@ -87,8 +86,7 @@ def write_cell(results_dir: Path, cell: str, checkpoint: Checkpoint, data: Image
         **model_columns(cell, checkpoint, data),
         certify_seconds=evaluation.certify_seconds, forward_seconds=evaluation.forward_seconds,
         images_per_second=n / evaluation.certify_seconds if evaluation.certify_seconds else 0.0,
-        train_config=json.dumps({f.name: train[f"train_{f.name}"] for f in fields(TrainConfig)
-                                 if f"train_{f.name}" in train}, sort_keys=True),
+        train_config=json.dumps(trained_recipe(train), sort_keys=True),
         **provenance_columns(device, precision))
     atomic_write_csv(evaluation.per_image.assign(cell=cell), per_image_path(results_dir, cell))
     path = rows_path(results_dir, cell)

@@ -496,8 +496,8 @@ def load_model(cell: Cell, defense: Defense, job: Job, device: torch.device) -> 
     path = find_checkpoint(key)
     if path is None:
         path = new_checkpoint_path(key)
-        train_and_save(defense, cell.dataset, job.data_dir, job.download, config, device, path,
-                       job.show_progress, log)
+        train_and_save(defense, load_dataset(cell.dataset, "train", job.data_dir, job.download),
+                       config, device, path, job.show_progress, log)
     return load_checkpoint(path, defense=cell.defense, dataset=cell.dataset)
 
 
@@ -537,18 +537,19 @@ def announce_training(cells: Sequence[Cell], allow_train: bool, data_dir: str | 
             "`patchbench models` lists the shipped ones")
     here = torch.device(device if device.startswith("cuda") and torch.cuda.is_available()
                         else "cpu")
+    training_data = functools.cache(lambda name: load_dataset(name, "train", data_dir, download))
     for cell in missing:
         log(f"cell {cell.id} ({cell.label}): no trained model {cell.model} (shipped or "
-            f"cached), so it is trained first: {training_estimate(cell, data_dir, download, here)}")
+            f"cached), so it is trained first: {training_estimate(cell, training_data, here)}")
 
 
-def training_estimate(cell: Cell, data_dir: str | Path | None, download: bool,
+def training_estimate(cell: Cell, training_data: Callable[[str], ImageData],
                       device: torch.device) -> str:
     """``estimate_text`` of the cell's training, or why there is none."""
     try:
         defense = get_defense(cell.defense).from_params(cell.params)
-        data = load_dataset(cell.dataset, "train", data_dir, download)
-        return estimate_text(defense, data, TrainConfig(**cell.train), device)
+        return estimate_text(defense, training_data(cell.dataset), TrainConfig(**cell.train),
+                             device)
     except Exception as err:  # the cell itself reports what is wrong
         return f"time not estimated ({type(err).__name__})"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patchbench.checkpoint import save_checkpoint
-from patchbench.data import ImageData, batches, load_dataset
+from patchbench.data import ImageData, batches
 from patchbench.defense import Defense, TrainStep
 from patchbench.progress import progress_bar
 
@@ -117,6 +119,13 @@ class Run:
         return loss, predictions, labels
 
 
+def trained_recipe(metrics: dict) -> dict:
+    """The TrainConfig fields recorded in a checkpoint's ``train`` metrics (older checkpoints
+    lack the newer fields)."""
+    return {f.name: metrics[f"train_{f.name}"] for f in dataclasses.fields(TrainConfig)
+            if f"train_{f.name}" in metrics}
+
+
 def estimate_seconds(defense: Defense, data: ImageData, config: TrainConfig,
                      device: torch.device | str = "cpu", timed_steps: int = 3
                      ) -> tuple[float, int, float]:
@@ -136,7 +145,7 @@ def estimate_seconds(defense: Defense, data: ImageData, config: TrainConfig,
             timings.append(time.perf_counter() - start)
             if len(timings) > timed_steps:
                 break
-    per_step = sorted(timings[1:] or timings)[len(timings[1:] or timings) // 2]  # median
+    per_step = statistics.median(timings[1:] or timings)  # the warm-up step left out
     return per_step * run.total, run.total, per_step
 
 
@@ -149,16 +158,14 @@ def estimate_text(defense: Defense, data: ImageData, config: TrainConfig,
     return f"about {length} ({steps:,} steps at {1000 * per_step:.0f} ms, measured on {device})"
 
 
-def train_and_save(defense: Defense, dataset: str, data_dir: str | Path | None,
-                   download: bool, config: TrainConfig, device: torch.device, output: Path,
-                   show_progress: bool = True,
+def train_and_save(defense: Defense, data: ImageData, config: TrainConfig,
+                   device: torch.device, output: Path, show_progress: bool = True,
                    log: Callable[[str], None] = lambda message: None) -> str:
-    """Train on the dataset's training split and save atomically; the checkpoint's hash.
+    """Train on ``data`` (a training split) and save atomically; the checkpoint's hash.
     Concurrent trainers of one configuration each write a whole file; the last one stays."""
-    data = load_dataset(dataset, "train", data_dir, download)
     model, metrics = train(defense, data, config, device, show_progress)
     sha = save_checkpoint(output, defense, model, {
-        "dataset": dataset, "in_shape": list(data.in_shape), "classes": list(data.classes),
+        "dataset": data.name, "in_shape": list(data.in_shape), "classes": list(data.classes),
         "train": metrics, "n_parameters": defense.num_parameters(model)})
     log(f"saved {output} (sha256 {sha[:12]}; train accuracy {metrics['train_accuracy']:.3f} "
         f"in {metrics['train_seconds']:.0f} s)")

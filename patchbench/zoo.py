@@ -27,8 +27,8 @@ from patchbench.labels import param_parts
 from patchbench.readme import markdown_table, write_block
 from patchbench.results import ResultsError, load_results, metric_of
 from patchbench.stats import INTERVAL, wilson
-from patchbench.tables import ordered
-from patchbench.train import TrainConfig
+from patchbench.tables import ordered, percent_interval
+from patchbench.train import TrainConfig, trained_recipe
 
 MANIFEST = SHIPPED / "zoo.toml"
 SHIPPED_RESULTS = SHIPPED.parent / "results"  # the committed rows the zoo's numbers come from
@@ -137,8 +137,7 @@ def describe(name: str, path: Path, source: str, certify: dict[str, Any], about:
         raise ZooError(f"model {name!r}: its checkpoint {path} is missing")
     meta, sha = read_header(path)
     trained = meta.get("train", {})
-    recipe = {f.name: trained.get(f"train_{f.name}", f.default)
-              for f in dataclasses.fields(TrainConfig)}
+    recipe = {**dataclasses.asdict(TrainConfig()), **trained_recipe(trained)}
     return ZooModel(name, path, source, meta["defense"], str(meta.get("dataset", "")),
                     {**meta.get("params", {}), **certify}, certify, recipe, sha,
                     path.stat().st_size, int(meta.get("n_parameters", 0)), about)
@@ -240,7 +239,8 @@ def zoo_table(models: list[ZooModel], numbers: dict[str, Numbers]) -> list[list[
             model.name, model.defense,
             " ".join(param_parts(model.defense, model.params)) or "defaults",
             recipe_text(model.recipe), model.dataset,
-            *((interval_text(found.clean), interval_text(found.certified)
+            *((percent_interval(100 * found.clean[0], found.n_images),
+               percent_interval(100 * found.certified[0], found.n_images)
                + ("" if found.condition in ("tight", "masking") else f" ({found.condition})"),
                str(found.n_images)) if found else ("–", "–", "–")),
             f"--defense {model.defense}" if is_default(model) else "",
@@ -265,10 +265,6 @@ def recipe_text(recipe: dict[str, Any]) -> str:
     return ", ".join([f"{recipe['epochs']} epochs", str(recipe["precision"]),
                       "val held out" if recipe["hold_out_val"] else "trained on val"])
 
-
-def interval_text(value: tuple[float, float, float]) -> str:
-    accuracy, low, high = value
-    return f"{100 * accuracy:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 ZOO_BLOCK = "zoo"
