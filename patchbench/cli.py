@@ -343,10 +343,10 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
     """
     params = {k: v.split(",") for k, v in parse_extra_params(ctx.args).items()}
     if model_name is not None:
-        checkpoint = zoo_checkpoint(model_name, checkpoint)
-        for name, value in checkpoint.certify.items():  # the zoo's, unless given
+        named = zoo_model(model_name, checkpoint)
+        checkpoint = named.path
+        for name, value in named.certify.items():  # the zoo's, unless given
             params.setdefault(name, [str(value)])
-        checkpoint = checkpoint.path
     if not defense_lists:
         name, dataset = model_defaults(ctx, "defense_lists", checkpoint, dataset)
         defense_lists = (name,)
@@ -374,7 +374,7 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
         ctx.exit(3)
 
 
-def zoo_checkpoint(name: str, checkpoint: Path | None) -> ZooModel:
+def zoo_model(name: str, checkpoint: Path | None) -> ZooModel:
     """``--model NAME``: the zoo model, or a usage error (unknown name, or a checkpoint too)."""
     if checkpoint is not None:
         raise click.UsageError("--model and --checkpoint each name a model: give one")
@@ -506,9 +506,9 @@ def attack_command(ctx: click.Context, defense_name: str | None, patch_lists, da
     patches = flatten_patches(patch_lists)
     extra = parse_extra_params(ctx.args)
     if model_name is not None:
-        zoo = zoo_checkpoint(model_name, checkpoint)
-        checkpoint = zoo.path
-        extra = {**{k: str(v) for k, v in zoo.certify.items()}, **extra}
+        named = zoo_model(model_name, checkpoint)
+        checkpoint = named.path
+        extra = {**{k: str(v) for k, v in named.certify.items()}, **extra}  # given ones win
     if defense_name is None:
         defense_name, dataset = model_defaults(ctx, "defense_name", checkpoint, dataset)
     data = load_dataset(dataset, split, data_dir, download).subset(n_images)

@@ -550,8 +550,8 @@ def all_configurations(certified: pd.DataFrame, empirical: pd.DataFrame) -> pd.D
     names = shipped_names()  # the zoo's: `patchbench run --model NAME` certifies it again
     return configs.assign(model=text_column(representative, "checkpoint_sha256")
                           .map(lambda sha: names.get(sha, "–")).to_numpy(),
-                          **{"defense code": configs["key"].map(code_of(rows))
-                             .fillna("–").to_numpy()})
+                          **{"defense code": configs["key"].map(
+                              code_of(pd.concat([certified, empirical]))).fillna("–").to_numpy()})
 
 
 def code_of(rows: pd.DataFrame) -> dict[str, str]:
