@@ -48,11 +48,9 @@ neither set of hooks gets ``AttackUnsupportedError`` ("attack not supported by .
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -60,20 +58,11 @@ from torch import Tensor, nn
 
 from patchbench import per_image
 from patchbench.certify import CONDITIONS, Certificate, certify_votes
-from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData, batches
 from patchbench.defense import Defense, VoteMapDefense
 from patchbench.evaluate import for_inference, loader_options
 from patchbench.patches import PatchShape, box_masks, check_fits
 from patchbench.progress import progress_bar
-from patchbench.results import (
-    atomic_write_csv,
-    cell_id,
-    model_columns,
-    per_image_path,
-    provenance_columns,
-    rows_path,
-)
 
 # (image, position) pairs per PGD batch of a defense without a vote map (each surrogate pass
 # may run the base classifier many times per pair: k^2 masked images for PatchCleanser).
@@ -531,30 +520,3 @@ def summarize_attack(result: AttackResult, patches: Sequence[PatchShape]) -> pd.
                      "n_attacked": int(table[f"attacked_{patch}"].sum()),
                      "n_violations": sum(v.patch == patch for v in result.violations)})
     return pd.DataFrame(rows)
-
-
-def attack_cell_id(checkpoint: Checkpoint, data: ImageData, budget: AttackBudget,
-                   patches: Sequence[str]) -> str:
-    """The cell of an attack: known before attacking, so a finished one can be skipped."""
-    defense = checkpoint.defense
-    return cell_id({"kind": "attack", "budget": dataclasses.asdict(budget),
-                    "defense": defense.name, "params": defense.params(), "dataset": data.name,
-                    "split": data.split, "n_images": len(data), "checkpoint": checkpoint.sha256,
-                    "patches": list(patches)})
-
-
-def write_attack_cell(results_dir: Path, cell: str, checkpoint: Checkpoint, data: ImageData,
-                      result: AttackResult, summary: pd.DataFrame, device: torch.device) -> Path:
-    """Write ``rows/<cell>.csv`` and ``per_image/<cell>.csv.gz`` like ``results.write_cell``
-    (``cell`` from ``attack_cell_id``: its hash includes "attack" and the budget, so it never
-    collides with a certified cell); return the rows path."""
-    budget = dataclasses.asdict(result.budget)
-    rows = summary.assign(
-        **model_columns(cell, checkpoint, data),
-        **{f"attack_{k}": v for k, v in budget.items()},
-        attack_seconds=result.attack_seconds,
-        **provenance_columns(device))
-    atomic_write_csv(result.per_image.assign(cell=cell), per_image_path(results_dir, cell))
-    path = rows_path(results_dir, cell)
-    atomic_write_csv(rows, path)
-    return path

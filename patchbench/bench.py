@@ -38,11 +38,8 @@ is not timed: it gets one row, ``metric == "unsupported"``, whose ``note`` says 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import gc
-import hashlib
-import itertools
 import json
 import math
 import os
@@ -64,8 +61,10 @@ from patchbench.defense import Defense, VoteMapDefense, get_defense
 from patchbench.defenses.bagcert import BagCert, receptive_field
 from patchbench.defenses.smoothing import ABLATED_AXES, Smoothing, ablated_blocks, vote_map_hw
 from patchbench.evaluate import at_precision, for_inference, precision_dtype, synchronize
+from patchbench.hashing import config_hash
 from patchbench.patches import PatchShape
 from patchbench.results import atomic_write_csv, system_info
+from patchbench.sweep import parameter_grids
 
 BENCHMARK = "bench"
 # --shape: (channels, height, width) and the default number of classes
@@ -550,7 +549,7 @@ def bench_rows(measurements: Sequence[Measurement], settings: BenchSettings,
     identity = {"settings": asdict(settings), "device": str(device),
                 "defenses": [[m.defense.name, m.defense.params()] for m in measurements],
                 "started": started.isoformat()}
-    run_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    run_id = config_hash(identity)
     c, h, w = settings.in_shape
     one, most = min(settings.n_shapes), max(settings.n_shapes)
     records = []
@@ -622,26 +621,12 @@ def write_bench_rows(results_dir: Path, rows: pd.DataFrame) -> Path:
 
 def defense_configurations(names: Sequence[str], params: dict[str, list[str]]
                            ) -> list[Defense]:
-    """Each named defense with its share of ``params`` (name -> values), multiplied out, as
-    ``run`` does: a parameter goes to every defense that has it, and one that no defense has
-    is an error (ValueError, as are bad values)."""
+    """Each named defense with its share of ``params`` (name -> values), multiplied out
+    exactly as ``run`` does (``sweep.parameter_grids``); a parameter no defense has and a bad
+    value are ValueErrors."""
     classes = {name: get_defense(name) for name in dict.fromkeys(names)}
-    fields = {name: {f.name for f in dataclasses.fields(cls.Config)}
-              for name, cls in classes.items()}
-    orphans = sorted(p for p in params if not any(p in f for f in fields.values()))
-    if orphans:
-        if len(classes) == 1:
-            name = next(iter(classes))
-            raise ValueError(f"defense {name!r} has no parameter(s) {orphans}; it takes "
-                             f"{sorted(fields[name])}")
-        raise ValueError(f"none of the defenses {', '.join(classes)} has parameter(s) "
-                         f"{orphans}")
-    configured = []
-    for name, cls in classes.items():
-        keys = [p for p in params if p in fields[name]]
-        for combo in itertools.product(*(params[k] for k in keys)):
-            configured.append(cls.from_params(dict(zip(keys, combo, strict=True))))
-    return configured
+    grids = parameter_grids(classes, params)
+    return [cls.from_params(given) for name, cls in classes.items() for given in grids[name]]
 
 
 def label(defense: Defense) -> str:

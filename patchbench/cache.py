@@ -6,13 +6,12 @@ the user cache (``$PATCHBENCH_CACHE`` or ``~/.cache/patchbench``), where new tra
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 from patchbench.defense import Defense
+from patchbench.hashing import config_hash
 from patchbench.train import TrainConfig
 
 DEFAULT_RECIPE = TrainConfig()
@@ -34,9 +33,9 @@ def model_key(defense: Defense, dataset: str, train_config: TrainConfig) -> str:
     params = {k: v for k, v in defense.params().items() if k not in defense.certify_params}
     recipe = {k: v for k, v in asdict(train_config).items()
               if k in LEGACY_RECIPE_FIELDS or v != getattr(DEFAULT_RECIPE, k)}
-    blob = json.dumps({"defense": defense.name, "params": params, "dataset": dataset,
-                       "train": recipe}, sort_keys=True)
-    return f"{dataset}-{defense.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    digest = config_hash({"defense": defense.name, "params": params, "dataset": dataset,
+                          "train": recipe}, 12)
+    return f"{dataset}-{defense.name}-{digest}"
 
 
 def find_checkpoint(key: str) -> Path | None:

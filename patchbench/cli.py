@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -16,21 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from patchbench import __version__, zoo
-from patchbench.attack import (
-    AttackBudget,
-    AttackUnsupportedError,
-    attack_cell_id,
-    attack_split,
-    summarize_attack,
-    write_attack_cell,
-)
-from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
+from patchbench.attack import AttackBudget, AttackUnsupportedError
+from patchbench.attacking import plan_attack, run_attack
+from patchbench.cache import model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
 from patchbench.checkpoint import (
     CheckpointError,
     checkpoint_meta,
-    load_checkpoint,
-    parameter_clash,
 )
 from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
 from patchbench.defense import (
@@ -50,10 +43,10 @@ from patchbench.options import (
     flatten_patches,
     parse_extra_params,
 )
-from patchbench.patches import check_fits, parse_patches
+from patchbench.patches import parse_patches
 from patchbench.readme import find_block
 from patchbench.report import build_report, headline_block, update_readme
-from patchbench.results import ResultsError, is_finished, load_results
+from patchbench.results import ResultsError, load_results
 from patchbench.selection import defense_rows, select_setting
 from patchbench.sweep import BACKENDS, SweepError, model_text, run_sweep
 from patchbench.train import TRAIN_PRECISIONS, TrainConfig, estimate_text, train_and_save
@@ -94,6 +87,19 @@ def parameter_error(err: ValueError) -> click.UsageError:
     if isinstance(err, ParameterError):
         return click.BadParameter(str(err), param_hint=f"'--{err.param.replace('_', '-')}'")
     return click.UsageError(str(err))
+
+
+@contextmanager
+def sweep_errors() -> Iterator[None]:
+    """A library refusal (SweepError, AttackUnsupportedError) as the command's usage error."""
+    try:
+        yield
+    except SweepError as err:
+        if err.option:
+            raise click.BadParameter(str(err), param_hint=f"'{err.option}'") from None
+        raise click.UsageError(str(err)) from None
+    except AttackUnsupportedError as err:  # "attack not supported by <defense>: it lacks ..."
+        raise click.ClickException(str(err)) from None
 
 
 @click.group(cls=PatchbenchGroup)
@@ -350,7 +356,7 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
     if not defense_lists:
         name, dataset = model_defaults(ctx, "defense_lists", checkpoint, dataset)
         defense_lists = (name,)
-    try:
+    with sweep_errors():
         frame = run_sweep(list(defense_lists), flatten_patches(patch_lists), dataset, params,
                           split=split, n_images=n_images, conditions=condition,
                           train=train_overrides(kwargs), results_dir=results_dir, force=force,
@@ -358,10 +364,6 @@ def run_command(ctx: click.Context, defense_lists: tuple[str, ...], patch_lists,
                           download=download, checkpoint=checkpoint, backend=backend,
                           n_jobs=n_jobs, ray_address=ray_address, precision=precision,
                           allow_train=not no_train)
-    except SweepError as err:
-        if err.option:
-            raise click.BadParameter(str(err), param_hint=f"'{err.option}'") from None
-        raise click.UsageError(str(err)) from None
     show_summary(frame, list(params))
     cells = frame.drop_duplicates("cell")
     counts = cells["status"].value_counts()
@@ -503,7 +505,6 @@ def attack_command(ctx: click.Context, defense_name: str | None, patch_lists, da
     trained here), or --checkpoint names one. Exit code 4 if the attack changes the prediction
     of a certified image (a soundness violation); the results are written first.
     """
-    patches = flatten_patches(patch_lists)
     extra = parse_extra_params(ctx.args)
     if model_name is not None:
         named = zoo_model(model_name, checkpoint)
@@ -511,55 +512,30 @@ def attack_command(ctx: click.Context, defense_name: str | None, patch_lists, da
         extra = {**{k: str(v) for k, v in named.certify.items()}, **extra}  # given ones win
     if defense_name is None:
         defense_name, dataset = model_defaults(ctx, "defense_name", checkpoint, dataset)
-    data = load_dataset(dataset, split, data_dir, download).subset(n_images)
-    try:
-        check_fits(patches, data.in_shape[1:])
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="'--patch'") from None
-    defense = make_defense(defense_name, extra)
-    if checkpoint is None:
-        key = model_key(defense, dataset, make_train_config(defense, kwargs))
-        checkpoint = find_checkpoint(key)
-        if checkpoint is None:
-            raise CheckpointError(f"no trained model {key}: train it first (patchbench train "
-                                  f"--defense {defense_name} ...), or pass --model NAME "
-                                  "(patchbench models lists them) or --checkpoint")
-    loaded = load_checkpoint(checkpoint, defense=defense_name, dataset=dataset)
-    given = {k: defense.params()[k] for k in extra}
-    clash = parameter_clash(loaded, given)
-    if clash:
-        raise click.UsageError(clash)
-    # certify-only parameters given on the command line (a threshold) apply to the model
-    loaded = dataclasses.replace(loaded, defense=type(defense).from_params(
-        {**loaded.defense.params(), **given}))
-    check_defense(loaded.defense, data.in_shape)
-    unsupported = loaded.defense.unsupported("attack")  # "attack not supported by ..."
-    if unsupported:
-        raise click.ClickException(unsupported)
-    click.echo(f"model {model_text(checkpoint, loaded.sha256)}", err=True)
     budget = AttackBudget(**{field: kwargs[name.replace("-", "_")]
                              for name, (field, _, _) in ATTACK_OPTIONS.items()})
-    cell = attack_cell_id(loaded, data, budget, [str(p) for p in patches])
-    if is_finished(results_dir, cell) and not force:
-        click.echo(f"skipped: attack cell {cell} is finished in {results_dir} (--force to "
-                   "redo it)", err=True)
+    with sweep_errors():
+        plan = plan_attack(defense_name, flatten_patches(patch_lists), dataset, extra,
+                           split=split, n_images=n_images, train=train_overrides(kwargs),
+                           checkpoint=checkpoint, budget=budget, data_dir=data_dir,
+                           download=download)
+    click.echo(f"model {model_text(plan.checkpoint.path, plan.checkpoint.sha256)}", err=True)
+    with sweep_errors():
+        outcome = run_attack(plan, results_dir, device, batch_size, force)
+    if outcome.status == "skipped":
+        click.echo(f"skipped: attack cell {outcome.cell} is finished in {results_dir} (--force "
+                   "to redo it)", err=True)
         return
-    try:
-        result = attack_split(loaded.defense, loaded.model, data, patches, budget, batch_size,
-                              device)
-    except AttackUnsupportedError as err:  # "attack not supported by <defense>: it lacks ..."
-        raise click.ClickException(str(err)) from None
-    summary = summarize_attack(result, patches)
-    path = write_attack_cell(results_dir, cell, loaded, data, result, summary, device)
+    result, summary = outcome.result, outcome.summary
     table = Table("patch", "clean", *(f"certified ({c})" for c in result.conditions),
-                  "empirical", "violations", title=f"{defense_name}: {len(data)} images "
+                  "empirical", "violations", title=f"{defense_name}: {len(plan.data)} images "
                                                    f"attacked in {result.attack_seconds:.1f} s")
     for row in summary.to_dict("records"):
         table.add_row(row["patch"], *(f"{row[k]:.1%}" for k in (
             "clean_accuracy", *(f"certified_accuracy_{c}" for c in result.conditions),
             "empirical_accuracy")), str(row["n_violations"]))
     Console().print(table)
-    click.echo(f"results: {path}", err=True)
+    click.echo(f"results: {outcome.path}", err=True)
     if result.violations:
         click.echo(f"Error: soundness violation: {len(result.violations)} certified image(s) "
                    f"broken; first: {result.violations[0]}", err=True)

@@ -140,6 +140,28 @@ def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = N
     return loader(split, Path(data_dir) if data_dir else None, download)
 
 
+class SplitCache:
+    """Evaluation splits loaded once per sweep (its cells certify the same split), and only
+    for that sweep: files changed between two sweeps of one process are read again. It pickles
+    empty, so a worker process loads its own copy instead of receiving one per cell."""
+
+    def __init__(self) -> None:
+        self._splits: dict[tuple[str, str, str | None, bool], ImageData] = {}
+
+    def get(self, name: str, split: str, data_dir: str | Path | None = None,
+            download: bool = False) -> ImageData:
+        key = (name, split, str(data_dir) if data_dir else None, download)
+        if key not in self._splits:
+            self._splits[key] = load_dataset(name, split, data_dir, download)
+        return self._splits[key]
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._splits = {}
+
+
 # --- fashion-mnist -----------------------------------------------------------------------
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",

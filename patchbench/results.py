@@ -9,7 +9,6 @@ cell that failed leaves ``failed/<cell>.json`` instead.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import platform
 import subprocess
@@ -25,6 +24,7 @@ from patchbench.checkpoint import Checkpoint
 from patchbench.data import ImageData
 from patchbench.defense import defense_code
 from patchbench.evaluate import Evaluation
+from patchbench.hashing import config_hash
 from patchbench.train import trained_recipe
 
 
@@ -51,7 +51,7 @@ def system_info(device: torch.device) -> dict[str, str]:
 
 def cell_id(identity: dict[str, Any]) -> str:
     """A cell's file name: a hash of what defines it, known before any model is loaded."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return config_hash(identity)
 
 
 def rows_path(results_dir: Path, cell: str) -> Path:

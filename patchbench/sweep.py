@@ -36,7 +36,7 @@ from patchbench.checkpoint import (
     load_checkpoint,
     parameter_clash,
 )
-from patchbench.data import ImageData, load_dataset
+from patchbench.data import ImageData, SplitCache, load_dataset
 from patchbench.defense import (
     Defense,
     ParameterError,
@@ -132,6 +132,7 @@ class Job:
     batch_size: int
     force: bool
     show_progress: bool
+    splits: SplitCache  # this sweep's evaluation splits (a worker loads its own)
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,10 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
         raise SweepError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}",
                          "--backend")
     device_text = check_device(device, backend)
+    splits = SplitCache()
     cells = plan(defenses, patches, dataset, params or {}, split=split, n_images=n_images,
                  conditions=conditions, train=train or {}, checkpoint=checkpoint,
-                 data_dir=data_dir, download=download, precision=precision)
+                 data_dir=data_dir, download=download, precision=precision, splits=splits)
     results_dir = Path(results_dir).resolve()
     prepare(results_dir)
     todo = [cell for cell in cells if force or not is_finished(results_dir, cell.id)]
@@ -198,7 +200,7 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
                     runner, worker_device, n_workers):
                 job = Job(str(results_dir), str(Path(data_dir).resolve()) if data_dir else None,
                           download, worker_device, batch_size, force,
-                          show_progress and (backend == "ray" or n_workers == 1))
+                          show_progress and (backend == "ray" or n_workers == 1), splits)
                 done = len(cells) - len(todo)
                 outcomes = ReportingParallel(
                     lambda n: bar.update(task, completed=done + n), batch_size=1)(
@@ -224,8 +226,10 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
          params: Mapping[str, Any], *, split: str, n_images: int | None,
          conditions: str | Sequence[str], train: Mapping[str, Any],
          checkpoint: str | Path | None, data_dir: str | Path | None,
-         download: bool, precision: str = "fp32") -> list[Cell]:
-    """The sweep's cells, checked as far as possible without loading any model."""
+         download: bool, precision: str = "fp32", splits: SplitCache | None = None
+         ) -> list[Cell]:
+    """The sweep's cells, checked as far as possible without loading any model (the
+    evaluation split is loaded, through ``splits`` when given)."""
     names = _names(defenses)
     try:
         shapes = parse_patches([patches] if isinstance(patches, str) else
@@ -242,8 +246,7 @@ def plan(defenses: str | Sequence[str], patches: str | Sequence[str | PatchShape
     classes = load_defenses(names)
     own_conditions = defense_conditions(classes, asked)
     grids = parameter_grids(classes, {k: _values(k, v) for k, v in params.items()})
-    data = eval_data(dataset, split, str(data_dir) if data_dir else None, download)
-    data = data.subset(n_images)
+    data = (splits or SplitCache()).get(dataset, split, data_dir, download).subset(n_images)
     try:
         check_fits(shapes, data.in_shape[1:])
     except ValueError as err:
@@ -386,12 +389,6 @@ def with_checkpoint(cell: Cell, path: Path) -> Cell:
                                checkpoint=str(path.resolve()), checkpoint_sha256=loaded.sha256)
 
 
-@functools.lru_cache(maxsize=2)
-def eval_data(name: str, split: str, data_dir: str | None, download: bool) -> ImageData:
-    """Loaded once per process: every cell of a sweep certifies the same split."""
-    return load_dataset(name, split, data_dir, download)
-
-
 class ReportingParallel(Parallel):
     """joblib's Parallel calling ``on_done(n_finished)`` as cells finish. joblib calls
     ``print_progress`` after every finished task on every backend, Ray's included, which
@@ -458,7 +455,7 @@ def run_cell(cell: Cell, job: Job) -> Outcome:
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu"
                               ) if job.device == "auto" else torch.device(job.device)
-        data = eval_data(cell.dataset, cell.split, job.data_dir, job.download)
+        data = job.splits.get(cell.dataset, cell.split, job.data_dir, job.download)
         data = data.subset(cell.n_images)
         defense = get_defense(cell.defense).from_params(cell.params)
         # the checkpoint's weights, read by the cell's defense: certify-only parameters (a

@@ -426,7 +426,7 @@ BAD_INPUT.update({
     "run: Ctrl-C": Bad((*COMMANDS["run"], "--checkpoint", "{good}"), 130, INTERRUPTED,
                        "patchbench.sweep.certify_split"),
     "train: Ctrl-C": Bad(COMMANDS["train"], 130, INTERRUPTED, "patchbench.train.train"),
-    "attack: Ctrl-C": Bad(COMMANDS["attack"], 130, INTERRUPTED, "patchbench.cli.attack_split"),
+    "attack: Ctrl-C": Bad(COMMANDS["attack"], 130, INTERRUPTED, "patchbench.attacking.attack_split"),
     "bench: Ctrl-C": Bad(COMMANDS["bench"], 130, INTERRUPTED, "patchbench.bench.run_bench"),
     "report: Ctrl-C": Bad(COMMANDS["report"], 130, INTERRUPTED, "patchbench.cli.build_report"),
     "select: Ctrl-C": Bad(COMMANDS["select"], 130, INTERRUPTED, "patchbench.cli.select_setting"),
