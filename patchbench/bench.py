@@ -534,7 +534,7 @@ def run_bench(defenses: Sequence[Defense], settings: BenchSettings, device: torc
               log: Callable[[str], None] = lambda _: None) -> tuple[list[Measurement],
                                                                     pd.DataFrame]:
     """Measure every defense at every batch size; the measurements and their tidy rows."""
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()[0]
     measurements = [measure(defense, settings, batch_size, device, log)
                     for defense in defenses for batch_size in settings.batch_sizes]

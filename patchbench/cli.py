@@ -48,13 +48,14 @@ from patchbench.readme import find_block
 from patchbench.report import build_report, headline_block, update_readme
 from patchbench.results import ResultsError, load_results
 from patchbench.selection import defense_rows, select_setting
+from patchbench.study_file import StudyError
 from patchbench.sweep import BACKENDS, SweepError, model_text, run_sweep
 from patchbench.train import TRAIN_PRECISIONS, TrainConfig, estimate_text, train_and_save
 from patchbench.zoo import UnknownModelError, ZooModel, find_model
 
 # Errors a user can cause: shown as one line, never as a traceback.
 USER_ERRORS = (DatasetNotFoundError, DatasetFormatError, CheckpointError, UnknownDefenseError,
-               ResultsError, zoo.ZooError)
+               ResultsError, zoo.ZooError, StudyError)
 EXTRA_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
@@ -445,6 +446,79 @@ def report_command(results_dir: Path, out_dir: Path, dataset: str | None, defens
     if readme is not None:
         update_readme(readme, out_dir)
         click.echo(f"headline written into {readme}", err=True)
+
+
+@cli.command("study")
+@click.argument("study_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dry-run", is_flag=True,
+              help="List every cell with its state (done, to train, to certify, to attack) "
+                   "and estimated cost; nothing is trained, certified or written.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Results folder [default: the study's [study] results].")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--no-train", is_flag=True,
+              help="A model that is neither shipped nor cached is an error, not trained.")
+@click.option("--no-report", is_flag=True, help="Leave the report (and README) as they are.")
+@click.option("--force", is_flag=True, help="Recompute finished cells and attacks.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="local", show_default=True,
+              help="Certify steps: local joblib processes, or Ray's joblib backend.")
+@click.option("--n-jobs", type=click.IntRange(min=1), help="Cells at once (as for run).")
+@click.option("--ray-address", help="Ray cluster to join (as for run).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder holding the dataset files.")
+@click.pass_context
+def study_command(ctx: click.Context, study_file: Path, dry_run: bool, results_dir: Path | None,
+                  device: str, batch_size: int, no_train: bool, no_report: bool, force: bool,
+                  backend: str, n_jobs: int | None, ray_address: str | None,
+                  data_dir: Path | None) -> None:
+    """Run a whole study file resumably: certify, choose on val, attack, report.
+
+    Finished cells and attacks are skipped, so an interrupted study continues where it
+    stopped. Exit code 3 if a cell failed, 4 if an attack broke a certified image.
+    """
+    from patchbench import study as studies
+    from patchbench.study_file import load_study
+
+    spec = load_study(study_file)
+    options = studies.Options(results_dir, device, batch_size, backend, n_jobs, ray_address,
+                              force, not no_train, str(data_dir) if data_dir else None)
+    with sweep_errors():
+        run = studies.run_study(spec, options, dry_run, log=lambda m: click.echo(m, err=True))
+    show_study(spec, run, dry_run)
+    if not dry_run and spec.report is not None and not no_report:
+        report, readme = studies.report_study(spec, options)
+        click.echo(f"report: {report}" + (f"; headline written into {readme}" if readme
+                                          else ""), err=True)
+    if run.failed:
+        click.echo(f"Error: {run.failed} cell(s) failed (reasons in the step's failed/)",
+                   err=True)
+        ctx.exit(3)
+    if run.violations:
+        click.echo(f"Error: soundness violation: {run.violations} certified image(s) broken",
+                   err=True)
+        ctx.exit(4)
+
+
+def show_study(spec, run, dry_run: bool) -> None:
+    """The study's cells, one row each, then a line of counts (and cost, on a dry run)."""
+    table = Table("step", "kind", "cell", "configuration", "state",
+                  *(["estimated"] if dry_run else []), title=spec.title)
+    for state in run.states:
+        cost = "" if state.seconds is None else duration(state.seconds)
+        table.add_row(state.step, state.kind, state.cell, state.label,
+                      state.state + (f" ({state.note})" if state.note else ""),
+                      *([cost] if dry_run else []))
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    counts = ", ".join(f"{n} {state}" for state, n in run.counts().items())
+    left = sum(s.seconds for s in run.states if s.seconds is not None)
+    click.echo(f"{spec.path}: {len(run.states)} entries: {counts}"
+               + (f"; estimated {duration(left)} left" if dry_run and left else ""), err=True)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else (
+        f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s")
 
 
 ATTACK_OPTIONS = {  # option name -> (AttackBudget field, type, help)

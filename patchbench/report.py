@@ -326,7 +326,7 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
             sentences.append(talk_sentence(talk))
     if attacks is not None:
         sentences += attack_sentences(attacks.frame)
-    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     lines = [
         "# patchbench report", "",
         f"Results from `{results_dir}`{f' ({filters})' if filters else ''}: "

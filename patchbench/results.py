@@ -113,7 +113,7 @@ def model_columns(cell: str, checkpoint: Checkpoint, data: ImageData) -> dict[st
 def provenance_columns(device: torch.device, precision: str = "fp32") -> dict[str, str]:
     """When, where and with what a row was computed (``precision``: of the certification,
     the votes' arithmetic; the training's is ``train_precision``)."""
-    return {"timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    return {"timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **system_info(device), "precision": precision}
 
 
@@ -127,7 +127,7 @@ def write_failure(results_dir: Path, cell: str, identity: dict[str, Any], reason
     path = failure_path(results_dir, cell)
     record = {"cell": cell, "identity": identity, "reason": reason, "traceback": detail,
               "host": platform.node(),
-              "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+              "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(record, indent=1, sort_keys=True))

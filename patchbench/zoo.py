@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import tomllib
 import torch
 
 from patchbench.cache import SHIPPED, cache_dir, model_key
