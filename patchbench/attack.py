@@ -28,10 +28,10 @@ each pass is that many base-classifier passes), ``restarts * steps`` backward pa
 attacked, most vulnerable positions first, and a broken image costs no more. With the default
 budget (about 33 positions per image and shape on 28 x 28 images), the 2-core CPU here spends
 about 0.35 s per image and shape on the shipped Fashion-MNIST BagCert and 2 s on column
-smoothing (``scripts/attack_study.sh``); on BagCert's first 20 test images with 2x12 and 12x2
-patches, twice the steps and twice the restarts (4x the time) broke one more image. Block
-smoothing touches about 25x more ablations per patch than column smoothing: raise
-``position_stride``, lower ``worst_positions`` or use a GPU.
+smoothing (the attack steps of ``studies/fashion-mnist.toml``); on BagCert's first 20 test
+images with 2x12 and 12x2 patches, twice the steps and twice the restarts (4x the time)
+broke one more image. Block smoothing touches about 25x more ablations per patch than column
+smoothing: raise ``position_stride``, lower ``worst_positions`` or use a GPU.
 
 A defense takes part through two hooks: ``touched_cells(image_hw, boxes)`` (the cells a patch
 can change, from its own geometry, not from ``footprints``) and ``soft_votes(model, images,

@@ -1,47 +1,40 @@
-"""The talk's CIFAR-10 claims, beside the same quantities measured on this report's dataset.
+"""Published claims checked against a report's results, beside the same quantities measured.
 
-The talk that started the project (BagCert, ICLR 2021; ``shared/seed-slides-bagcert-iclr2021``
-and DESIGN.md section 2) makes claims measured on CIFAR-10 on a V100. Each row here is the
-talk's number or statement and the same quantity measured from the report's results. The
-datasets differ, so a number is never judged against the talk's; a verdict is given only on
-what a claim states (more, grows, slower, close to optimal), by a rule that says exactly
-that, with a paired test where two accuracies are compared and with times from one
-benchmark run (``patchbench bench``: one machine, one load) where two speeds are. BagCert,
-smoothing and the others are each represented by their configuration chosen on val. A claim
-whose inputs are missing is left out. Inputs are the frames of ``tables.py`` (percent).
+A study brings its claims as a Python file beside the study file (``[report] claims``; the
+Fashion-MNIST study's are the BagCert talk's, ``studies/bagcert_talk.py``): a module with
+``TITLE`` (the report section's title), ``SOURCE`` (the header of the published column, e.g.
+"talk (CIFAR-10)"), ``NOTE`` (the table's note), ``CHECKS`` (functions from ``Inputs`` to a
+``Claim``, or None where the results cannot check it) and, optionally, ``SUBJECT`` (how the
+findings name the claims). Each row is the published number or
+statement and the same quantity measured here. A verdict is given only on what a claim states,
+by the rule in its last column, with a paired test where two accuracies are compared and with
+times from one benchmark run (``patchbench bench``: one machine, one load) where two speeds
+are; numbers measured on another dataset are shown, never judged. This module holds the
+machinery and the helpers checks share, and no study's knowledge.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from patchbench.paired import PairedTests, p_text
-from patchbench.stats import wilson
-from patchbench.tables import Table, rf_sweep
+from patchbench.paired import PairedTests
+from patchbench.tables import Table
 
-# The talk's numbers (CIFAR-10; 10,000 images certified on one V100)
-TALK_BAGCERT = {"clean": 86.0, "certified_5x5": 60.0}
-TALK_TIGHT_GAIN = 3.0  # points of certified accuracy, same model
-TALK_RF_TIME = {5: 39.0, 7: 40.6, 9: 43.2, 11: 45.9, 13: 48.5}  # seconds
-TALK_RF_PARAMETERS = {5: 28e6, 7: 38e6, 9: 57e6, 11: 57e6, 13: 66e6}
-TALK_TIME = {"ds-block": 788.0, "ds-column": 28.0}  # seconds, ResNet-18 base (11M)
-EQUAL_AREA = (24, 25)  # patch areas of the aspect-ratio series 1x24 ... 5x5 ... 24x1
-
-# the rules
-FAR_SLOWER = 5.0  # "far slower": at least this many times the time
-A_LITTLE = (1.0, 2.0)  # "a little slower": a time ratio above the first, at most the second
-NON_TRIVIAL = 5.0  # certified accuracy (%) that counts as non-trivial (lower 95% bound)
 HOLDS, FAILS = "holds", "does not hold"
 NOT_COMPARED = "not compared: another dataset"
+
 
 @dataclass
 class Claim:
     claim: str
-    talk: str
+    published: str  # the published number or statement
     here: str
     verdict: str  # HOLDS, FAILS, NOT_COMPARED, or "no verdict: <why>"
     rule: str
@@ -57,55 +50,91 @@ class Inputs:
     chosen: dict[str, str]  # defense -> its configuration chosen on val
     paired: PairedTests
     bench: pd.DataFrame  # benchmark rows (metric images_per_second, median), maybe empty
+    sweep: dict[Any, str]  # the study's sweep: parameter value -> configuration ({} if none)
 
 
-def talk_table(accuracy: pd.DataFrame, configs: pd.DataFrame, params: dict[str, dict],
-               chosen: dict[tuple[str, str], str], paired: PairedTests,
-               bench: pd.DataFrame | None = None) -> Table | None:
-    """One row per claim that the results can check, per dataset; None if none can."""
+Check = Callable[[Inputs], Claim | None]
+
+
+@dataclass(frozen=True)
+class ClaimSet:
+    """A study's claims file, loaded."""
+
+    title: str
+    source: str
+    note: str
+    checks: tuple[Check, ...]
+    path: Path
+    subject: str = "the published claims"  # how the findings name them
+
+
+class ClaimsError(ValueError):
+    """A claims file that cannot be loaded or lacks what it must define."""
+
+
+def load_claims(path: str | Path) -> ClaimSet:
+    """Import a claims file (its own module, not on ``sys.path``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClaimsError(f"no claims file {path}")
+    spec = importlib.util.spec_from_file_location(f"patchbench_claims_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise ClaimsError(f"claims file {path} fails to load: {type(err).__name__}: "
+                          f"{err}") from None
+    missing = [name for name in ("TITLE", "SOURCE", "NOTE", "CHECKS")
+               if not hasattr(module, name)]
+    if missing:
+        raise ClaimsError(f"claims file {path} does not define {', '.join(missing)}")
+    return ClaimSet(module.TITLE, module.SOURCE, module.NOTE, tuple(module.CHECKS), path,
+                    getattr(module, "SUBJECT", ClaimSet.subject))
+
+
+def claims_table(claims: ClaimSet, accuracy: pd.DataFrame, configs: pd.DataFrame,
+                 params: dict[str, dict], chosen: dict[tuple[str, str], str],
+                 paired: PairedTests, bench: pd.DataFrame | None = None,
+                 sweeps: dict[str, dict[Any, str]] | None = None) -> Table | None:
+    """One row per claim that the results can check, per dataset; None if none can.
+    ``sweeps``: dataset -> its sweep (value -> configuration)."""
     records = []
     bench = bench if bench is not None else pd.DataFrame()
     for dataset in dict.fromkeys(accuracy["dataset"]):
         inputs = Inputs(accuracy[accuracy["dataset"] == dataset],
                         configs[configs["dataset"] == dataset], params,
-                        {d: c for (s, d), c in chosen.items() if s == dataset}, paired, bench)
-        for check in CHECKS:
+                        {d: c for (s, d), c in chosen.items() if s == dataset}, paired, bench,
+                        (sweeps or {}).get(dataset, {}))
+        for check in claims.checks:
             claim = check(inputs)
             if claim is not None:
                 records.append({"dataset": dataset, "claim": claim.claim,
-                                "talk (CIFAR-10)": claim.talk, "here": claim.here,
+                                claims.source: claim.published, "here": claim.here,
                                 "verdict": claim.verdict, "rule": claim.rule})
     if not records:
         return None
-    frame = pd.DataFrame(records)
-    return Table("talk", "The talk's CIFAR-10 claims beside this dataset's numbers", frame,
-                 "Talk: BagCert, ICLR 2021 (CIFAR-10, V100). Each defense is represented by "
-                 "its configuration chosen on val. Numbers are not judged across datasets; "
-                 "accuracy comparisons use the exact McNemar test on the same images, speed "
-                 "comparisons the ratio of one `patchbench bench` run (its load average "
-                 "shown).")
+    return Table("claims", claims.title, pd.DataFrame(records), claims.note)
 
 
-def talk_sentence(table: Table) -> str:
+def claims_sentence(claims: ClaimSet, table: Table) -> str:
     """The findings' summary of the claims table."""
     frame = table.frame
     judged = frame[frame["verdict"].isin([HOLDS, FAILS])]
     against = judged[judged["verdict"] == FAILS]
     datasets = ", ".join(dict.fromkeys(frame["dataset"]))
-    text = (f"Of the talk's CIFAR-10 claims that state something checkable here, "
+    unjudged = len(frame) - len(judged)
+    text = (f"Of {claims.subject} that state something checkable here, "
             f"{len(judged) - len(against)} of {len(judged)} hold on {datasets} "
-            f"({len(frame) - len(judged)} more "
-            f"{'is' if len(frame) - len(judged) == 1 else 'are'} shown beside this dataset's "
-            "numbers without a verdict)")
+            f"({unjudged} more {'is' if unjudged == 1 else 'are'} shown beside this "
+            "dataset's numbers without a verdict)")
     if against.empty:
         return text + "."
     return text + "; these do not: " + "; ".join(
-        f"{row['claim']} (talk: {row['talk (CIFAR-10)']}; here: {row['here']})"
+        f"{row['claim']} ({claims.source}: {row[claims.source]}; here: {row['here']})"
         for row in against.to_dict("records")) + "."
 
 
-Check = Callable[[Inputs], Claim | None]
-
+# --- helpers that checks share ----------------------------------------------------------------
 
 def value(accuracy: pd.DataFrame, config: str, patch: str, column: str = "tight (%)") -> float:
     found = accuracy.loc[(accuracy["config"] == config) & (accuracy["patch"] == patch), column]
@@ -122,32 +151,13 @@ def verdict(holds: bool) -> str:
     return HOLDS if holds else FAILS
 
 
-def bagcert_headline(x: Inputs) -> Claim | None:
-    config = x.chosen.get("bagcert")
-    if config is None:
-        return None
-    certified = value(x.accuracy, config, "5x5")
-    clean = float(x.accuracy.loc[x.accuracy["config"] == config, "clean (%)"].iloc[0])
-    return Claim("BagCert: certified accuracy against 5x5 patches (tight)",
-                 f"{TALK_BAGCERT['certified_5x5']:.0f}% (clean {TALK_BAGCERT['clean']:.0f}%)",
-                 f"{certified:.1f}% (clean {clean:.1f}%, {config})", NOT_COMPARED, "–")
-
-
-def tight_gain(x: Inputs) -> Claim | None:
-    config = x.chosen.get("bagcert")
-    if config is None or "global (%)" not in x.accuracy:
-        return None
-    tight_value = value(x.accuracy, config, "5x5")
-    global_value = value(x.accuracy, config, "5x5", "global (%)")
-    test = x.paired.compare((config, "5x5", "tight"), (config, "5x5", "global"))
-    if math.isnan(tight_value) or math.isnan(global_value) or test is None:
-        return None
-    gain = tight_value - global_value
-    return Claim("The tight condition certifies more than the global one (same model, 5x5)",
-                 f"about +{TALK_TIGHT_GAIN:.0f} points",
-                 f"+{gain:.1f} points, {p_text(test)} ({config})",
-                 verdict(gain > 0 and test.significant),
-                 "tight above global, significant (McNemar, 0.05)")
+def shape_range(accuracy: pd.DataFrame, config: str, areas: Sequence[int]) -> float:
+    """Largest minus smallest certified accuracy over the patch shapes of these ``areas`` (an
+    equal-area aspect series); NaN with fewer than three shapes."""
+    rows = accuracy[accuracy["config"] == config]
+    area = rows["patch"].map(lambda p: int(p.split("x")[0]) * int(p.split("x")[1]))
+    series = rows.loc[area.isin(list(areas)), "tight (%)"].dropna()
+    return float(series.max() - series.min()) if len(series) >= 3 else math.nan
 
 
 def bench_ratio(bench: pd.DataFrame, slow: dict, fast: dict) -> tuple[float, str] | None:
@@ -179,139 +189,3 @@ def bench_ratio(bench: pd.DataFrame, slow: dict, fast: dict) -> tuple[float, str
     return (float(top["value_b"] / top["value_a"]),
             f"bench run {run[:8]}, batch {int(top['batch_size'])}, "
             f"{int(top['n_patch_shapes'])} shapes, {a['device'].iloc[0]}, load {load}")
-
-
-def rf_time_growth(x: Inputs) -> Claim | None:
-    rfs = sorted(TALK_RF_TIME)
-    low, high = rfs[0], rfs[-1]
-    found = bench_ratio(x.bench, {"defense": "bagcert", "param_rf": high},
-                        {"defense": "bagcert", "param_rf": low})
-    if found is None:
-        return None
-    ratio, where = found
-    talk = TALK_RF_TIME[high] / TALK_RF_TIME[low]
-    return Claim(f"Certification time grows with the receptive field (rf {low} to {high})",
-                 f"{TALK_RF_TIME[low]:.1f} s to {TALK_RF_TIME[high]:.1f} s, x{talk:.2f}",
-                 f"x{ratio:.2f} ({where})", verdict(ratio > 1),
-                 f"rf {high} slower than rf {low} in one benchmark run")
-
-
-def rf_parameter_growth(x: Inputs) -> Claim | None:
-    sweep = rf_sweep(x.configs, x.params)
-    shared = [rf for rf in sweep if rf in TALK_RF_PARAMETERS]
-    if len(shared) < 2:
-        return None
-    low, high = shared[0], shared[-1]
-    values = x.configs.set_index("config")["parameters"]
-    here = float(values[sweep[high]]) / float(values[sweep[low]])
-    talk = TALK_RF_PARAMETERS[high] / TALK_RF_PARAMETERS[low]
-    return Claim(f"The parameter count grows with the receptive field (rf {low} to {high})",
-                 f"{TALK_RF_PARAMETERS[low] / 1e6:.0f}M to {TALK_RF_PARAMETERS[high] / 1e6:.0f}M,"
-                 f" x{talk:.2f}",
-                 f"{int(values[sweep[low]]):,} to {int(values[sweep[high]]):,}, x{here:.2f}",
-                 verdict(here > 1), "more parameters at the larger rf")
-
-
-def rf7_near_optimal(x: Inputs) -> Claim | None:
-    sweep = rf_sweep(x.configs, x.params)
-    if 7 not in sweep or len(sweep) < 2:
-        return None
-    squares = [p for p in dict.fromkeys(x.accuracy["patch"])
-               if p.split("x")[0] == p.split("x")[1]]
-    behind = []  # (patch, rf, points) where some rf beats rf 7 significantly
-    for patch in squares:
-        for rf, config in sweep.items():
-            gap = value(x.accuracy, config, patch) - value(x.accuracy, sweep[7], patch)
-            test = x.paired.compare((config, patch, "tight"), (sweep[7], patch, "tight"))
-            if gap > 0 and test is not None and test.significant:
-                behind.append((patch, rf, gap))
-    here = ("never significantly behind another rf" if not behind else
-            "significantly behind at " + ", ".join(f"{p} (rf {rf}, {g:.1f} points)"
-                                                    for p, rf, g in behind))
-    return Claim("One configuration, rf 7, is close to optimal for every square patch size",
-                 "yes", f"{here} (test, rf {', '.join(map(str, sweep))})", verdict(not behind),
-                 "no rf of the sweep certifies significantly more than rf 7 at any square "
-                 "patch (McNemar, 0.05)")
-
-
-def large_patches(x: Inputs) -> Claim | None:
-    config = x.chosen.get("bagcert")
-    if config is None:
-        return None
-    certified = value(x.accuracy, config, "10x10")
-    n = images(x.accuracy, config, "10x10")
-    if math.isnan(certified) or not n:
-        return None
-    low = 100 * wilson(round(certified / 100 * n), n)[0]
-    return Claim("BagCert certifies non-trivial accuracy up to 10x10 patches", "yes",
-                 f"{certified:.1f}% at 10x10, lower 95% bound {low:.1f}% ({config})",
-                 verdict(low >= NON_TRIVIAL),
-                 f"the lower 95% bound at least {NON_TRIVIAL:.0f}%")
-
-
-def shape_range(accuracy: pd.DataFrame, config: str) -> float:
-    """Largest minus smallest certified accuracy over the equal-area aspect series."""
-    rows = accuracy[accuracy["config"] == config]
-    areas = rows["patch"].map(lambda p: int(p.split("x")[0]) * int(p.split("x")[1]))
-    series = rows.loc[areas.isin(EQUAL_AREA), "tight (%)"].dropna()
-    return float(series.max() - series.min()) if len(series) >= 3 else math.nan
-
-
-def shape_stability(x: Inputs) -> Claim | None:
-    bagcert, column = x.chosen.get("bagcert"), x.chosen.get("ds-column")
-    if bagcert is None or column is None:
-        return None
-    mine, theirs = shape_range(x.accuracy, bagcert), shape_range(x.accuracy, column)
-    if math.isnan(mine) or math.isnan(theirs):
-        return None
-    return Claim("BagCert is stable across patch shapes, unlike column smoothing", "yes",
-                 f"range over 1x24 ... 24x1: BagCert {mine:.1f} points, column {theirs:.1f}",
-                 verdict(mine <= theirs / 2), "BagCert's range at most half of column "
-                 "smoothing's")
-
-
-def block_robust(x: Inputs) -> Claim | None:
-    block = x.chosen.get("ds-block")
-    bands = [c for c in (x.chosen.get("ds-column"), x.chosen.get("ds-row")) if c]
-    if block is None or not bands:
-        return None
-    mine = shape_range(x.accuracy, block)
-    theirs = {c: shape_range(x.accuracy, c) for c in bands}
-    if math.isnan(mine) or any(math.isnan(v) for v in theirs.values()):
-        return None
-    return Claim("Block smoothing is robust to non-square patches; band smoothing is not",
-                 "yes", f"range over 1x24 ... 24x1: block {mine:.1f} points, "
-                 + ", ".join(f"{c} {v:.1f}" for c, v in theirs.items()),
-                 verdict(all(mine <= v / 2 for v in theirs.values())),
-                 "block's range at most half of each band's")
-
-
-def time_ratio(claim: str, slow: str, fast: str, talk: float,
-               holds: Callable[[float], bool], rule: str) -> Check:
-    def check(x: Inputs) -> Claim | None:
-        found = bench_ratio(x.bench, {"defense": slow}, {"defense": fast})
-        if found is None:
-            return None
-        ratio, where = found
-        return Claim(claim, f"x{talk:.2f}", f"x{ratio:.2f} ({slow} / {fast}; {where})",
-                     verdict(holds(ratio)), rule)
-    return check
-
-
-CHECKS: tuple[Check, ...] = (
-    bagcert_headline,
-    tight_gain,
-    rf_time_growth,
-    rf_parameter_growth,
-    rf7_near_optimal,
-    large_patches,
-    shape_stability,
-    block_robust,
-    time_ratio("Block smoothing certifies far slower than column smoothing", "ds-block",
-               "ds-column", TALK_TIME["ds-block"] / TALK_TIME["ds-column"],
-               lambda r: r >= FAR_SLOWER, f"at least x{FAR_SLOWER:g} in one benchmark run"),
-    time_ratio("BagCert certifies a little slower than column smoothing", "bagcert",
-               "ds-column", TALK_RF_TIME[7] / TALK_TIME["ds-column"],
-               lambda r: A_LITTLE[0] < r <= A_LITTLE[1],
-               f"above x{A_LITTLE[0]:g}, at most x{A_LITTLE[1]:g}, in one benchmark run"),
-)

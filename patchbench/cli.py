@@ -25,6 +25,7 @@ from patchbench.checkpoint import (
     CheckpointError,
     checkpoint_meta,
 )
+from patchbench.claims import ClaimsError
 from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
 from patchbench.defense import (
     Defense,
@@ -55,7 +56,7 @@ from patchbench.zoo import UnknownModelError, ZooModel, find_model
 
 # Errors a user can cause: shown as one line, never as a traceback.
 USER_ERRORS = (DatasetNotFoundError, DatasetFormatError, CheckpointError, UnknownDefenseError,
-               ResultsError, zoo.ZooError, StudyError)
+               ResultsError, zoo.ZooError, StudyError, ClaimsError)
 EXTRA_ARGS = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
@@ -437,12 +438,22 @@ def _value(value) -> str:
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Also write the headline table and figures into this file's headline "
                    "block.")
+@click.option("--study", "study_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Add what this study file's [report] asks for: its sweep table and its "
+                   "published claims.")
 def report_command(results_dir: Path, out_dir: Path, dataset: str | None, defense: str | None,
-                   gallery_images: int, readme: Path | None) -> None:
+                   gallery_images: int, readme: Path | None, study_file: Path | None) -> None:
     """Tables, figures and findings of a results folder: report.md, CSV and LaTeX."""
+    from patchbench.study import study_report
+    from patchbench.study_file import ReportSpec, load_study
+
     if readme is not None:
         headline_block(readme)  # a README without the block fails before any work
-    click.echo(str(build_report(results_dir, out_dir, dataset, defense, gallery_images)))
+    extras = None
+    if study_file is not None:
+        extras = study_report(load_study(study_file).report or ReportSpec())
+    click.echo(str(build_report(results_dir, out_dir, dataset, defense, gallery_images,
+                                extras)))
     if readme is not None:
         update_readme(readme, out_dir)
         click.echo(f"headline written into {readme}", err=True)

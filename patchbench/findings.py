@@ -16,13 +16,14 @@ from patchbench.tables import (
     GAP,
     PER_IMAGES,
     TIME,
+    SweepSpec,
     Table,
     condition_columns,
     ordered,
     percent_interval,
     primary_conditions,
     primary_values,
-    rf_sweep,
+    sweep_configs,
 )
 
 VALUE = "certified (%)"  # the primary condition's certified accuracy, per row
@@ -42,9 +43,9 @@ def with_interval(percent: float, images: int) -> str:
 
 def findings(accuracy: pd.DataFrame, configs: pd.DataFrame, gains: Table | None,
              params: dict[str, dict], chosen: dict[tuple[str, str], str],
-             paired: PairedTests) -> list[str]:
+             paired: PairedTests, sweep: SweepSpec | None = None) -> list[str]:
     """Sentences computed from the tables; ``chosen``: (dataset, defense) -> the label of its
-    configuration chosen on val."""
+    configuration chosen on val; ``sweep``: the study's swept parameter, if any."""
     ref = reference_patch(accuracy)
     primary = primary_conditions(accuracy)  # each defense is ranked by its primary condition
     ranked_all = accuracy.assign(**{VALUE: primary_values(accuracy),
@@ -54,7 +55,8 @@ def findings(accuracy: pd.DataFrame, configs: pd.DataFrame, gains: Table | None,
         out.append(gain_sentence(gains.frame, ref))
     out += orientation_sentences(ranked_all, paired)
     out += speed_sentences(configs)
-    out += rf_sentences(accuracy, configs, params, ref, paired)
+    if sweep is not None:
+        out += sweep_sentences(accuracy, configs, params, ref, paired, sweep)
     return out
 
 
@@ -168,31 +170,35 @@ def speed_sentences(configs: pd.DataFrame) -> list[str]:
             "run)."]
 
 
-def rf_sentences(accuracy: pd.DataFrame, configs: pd.DataFrame, params: dict[str, dict],
-                 ref: str, paired: PairedTests) -> list[str]:
-    """What the receptive field changes, on test: reported, not chosen (no rf is chosen here
-    unless the val rows choose it)."""
-    sweep = rf_sweep(configs, params)
-    if not sweep or "tight (%)" not in accuracy:
+def sweep_sentences(accuracy: pd.DataFrame, configs: pd.DataFrame, params: dict[str, dict],
+                    ref: str, paired: PairedTests, spec: SweepSpec) -> list[str]:
+    """What the study's swept parameter changes, on test: reported, not chosen (nothing is
+    chosen here unless the val rows choose it)."""
+    sweep = sweep_configs(configs, params, spec)
+    primary = primary_conditions(accuracy).get(spec.defense)
+    column = f"{primary} (%)"
+    if not sweep or column not in accuracy:
         return []
     at_ref = accuracy[(accuracy["patch"] == ref) & accuracy["config"].isin(sweep.values())]
-    at_ref = at_ref.dropna(subset=["tight (%)"])
+    at_ref = at_ref.dropna(subset=[column])
     if at_ref.empty:
         return []
-    rf = {config: r for r, config in sweep.items()}
-    best = at_ref.loc[at_ref["tight (%)"].idxmax()]
-    tied = [f"rf {rf[c]}" for c in at_ref["config"] if c != best["config"] and not (
-        (test := paired.compare((best["config"], ref, "tight"), (c, ref, "tight")))
+    name = spec.param
+    value_of = {config: v for v, config in sweep.items()}
+    best = at_ref.loc[at_ref[column].idxmax()]
+    tied = [f"{name} {value_of[c]}" for c in at_ref["config"] if c != best["config"] and not (
+        (test := paired.compare((best["config"], ref, primary), (c, ref, primary)))
         is not None and test.significant)]
     by_config = configs.set_index("config")
-    first, last = by_config.loc[sweep[min(sweep)]], by_config.loc[sweep[max(sweep)]]
-    return [f"Across receptive fields {', '.join(str(r) for r in sweep)} (one recipe), on "
-            f"test, rf {rf[best['config']]} certifies the most at {ref} "
-            f"({best['tight (%)']:.1f}%, {best['config']})"
+    low, high = min(sweep), max(sweep)
+    first, last = by_config.loc[sweep[low]], by_config.loc[sweep[high]]
+    return [f"Across {name} {', '.join(str(v) for v in sweep)} ({spec.defense}, one recipe), "
+            f"on test, {name} {value_of[best['config']]} certifies the most at {ref} "
+            f"({best[column]:.1f}% {primary}, {best['config']})"
             + (f", tied with {', '.join(tied)} (McNemar, not significant)" if tied else
-               ", significantly ahead of every other rf")
+               f", significantly ahead of every other {name}")
             + f"; certification time per {PER_IMAGES:,} images, in separate runs, goes from "
-            f"{first[TIME]:.1f} s (rf {min(sweep)}) to {last[TIME]:.1f} s (rf {max(sweep)})"
+            f"{first[TIME]:.1f} s ({name} {low}) to {last[TIME]:.1f} s ({name} {high})"
             + ("" if pd.isna(first["parameters"]) or pd.isna(last["parameters"]) else
                f", and the parameters from {int(first['parameters']):,} to "
                f"{int(last['parameters']):,}, x{last['parameters'] / first['parameters']:.2f}")

@@ -31,7 +31,7 @@ import pandas as pd
 from patchbench.atomic import atomic_path
 from patchbench.cache import LEGACY_RECIPE_FIELDS
 from patchbench.choice import RULE, Choice, config_identity, val_choices
-from patchbench.claims import talk_sentence, talk_table
+from patchbench.claims import ClaimSet, claims_sentence, claims_table
 from patchbench.data import ImageData
 from patchbench.findings import attack_sentences, findings
 from patchbench.gallery import (
@@ -59,6 +59,7 @@ from patchbench.stats import INTERVAL, wilson
 from patchbench.tables import (
     OWN_PREFIX,
     TIME,
+    SweepSpec,
     Table,
     accuracy_table,
     attack_table,
@@ -69,7 +70,8 @@ from patchbench.tables import (
     headline_table,
     parse_params,
     primary_of_rows,
-    rf_sweep_table,
+    sweep_configs,
+    sweep_table,
     text_column,
 )
 from patchbench.train import TrainConfig
@@ -100,10 +102,21 @@ class Selected:
     chance: dict[str, float]  # cell -> share of its images in the most common class
 
 
+@dataclass(frozen=True)
+class StudyReport:
+    """What a study file's ``[report]`` adds: its sweep table and its published claims."""
+
+    sweep: SweepSpec | None = None
+    claims: ClaimSet | None = None
+
+
 def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
                  dataset: str | None = None, defense: str | None = None,
-                 gallery_images: int = 3) -> Path:
+                 gallery_images: int = 3, study: StudyReport | None = None) -> Path:
     """Write ``out_dir/report.md`` with its figures and tables; return its path.
+
+    ``study`` adds what a study file's ``[report]`` asks for: its sweep table and its
+    published claims.
 
     ``dataset`` and ``defense`` keep only those rows (comma lists allowed). Raises
     ResultsError, one line, for a missing, empty or malformed results folder, a filter that
@@ -123,7 +136,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path = "reports",
     filters = " ".join(f"--{k} {v}" for k, v in (("dataset", dataset), ("defense", defense))
                        if v)
     try:
-        return write_report(out, results_dir, filters, selected, failed, gallery_images)
+        return write_report(out, results_dir, filters, selected, failed, gallery_images,
+                            study or StudyReport())
     except ResultsError:
         raise
     except OSError as err:
@@ -299,7 +313,7 @@ def newest(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
-                 failed: pd.DataFrame, gallery_images: int) -> Path:
+                 failed: pd.DataFrame, gallery_images: int, study: StudyReport) -> Path:
     from patchbench import figures  # plotting libraries load only when a report is drawn
 
     certified, empirical, params = selected.certified, selected.empirical, selected.params
@@ -313,17 +327,22 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
     configs = configs.assign(**{"chosen on val": [chosen_status(row, chosen, selected.choices)
                                                   for row in configs.to_dict("records")],
                                 "chance (%)": configs["key"].map(chance)})
-    sentences, talk = [], None
+    sentences, claimed = [], None
     if len(certified):
         accuracy = accuracy_table(certified)
         gains = gain_table(accuracy.frame, paired)
-        sentences += findings(accuracy.frame, configs, gains, params, chosen, paired)
+        sentences += findings(accuracy.frame, configs, gains, params, chosen, paired,
+                              study.sweep)
         sentences += chance_sentences(configs)
         sentences += code_sentences(configs)
-        talk = talk_table(accuracy.frame, configs, params, chosen, paired,
-                          bench_rows(results_dir))
-        if talk is not None:
-            sentences.append(talk_sentence(talk))
+        if study.claims is not None:
+            sweeps = {dataset: sweep_configs(configs[configs["dataset"] == dataset], params,
+                                             study.sweep) if study.sweep else {}
+                      for dataset in dict.fromkeys(configs["dataset"])}
+            claimed = claims_table(study.claims, accuracy.frame, configs, params, chosen,
+                                   paired, bench_rows(results_dir), sweeps)
+        if claimed is not None:
+            sentences.append(claims_sentence(study.claims, claimed))
     if attacks is not None:
         sentences += attack_sentences(attacks.frame)
     when = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -354,18 +373,17 @@ def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
                f"under `{results_dir / VALIDATION}`)")
         lines += ["## Headline", "", f"_{why}: no headline, nothing is ranked._",
                   *(f"- {n}" for n in choice_notes), ""]
-    if len(certified) and talk is not None:
-        lines += ["## The talk's CIFAR-10 claims beside this dataset's numbers", "",
-                  "The talk that started the project measured BagCert on CIFAR-10 (32x32 colour "
-                  "images, a V100); this report's dataset differs, so its numbers are not "
-                  "expected to match the talk's and no verdict is given on them. A verdict is "
+    if len(certified) and claimed is not None:
+        lines += [f"## {study.claims.title}", "",
+                  f"Claims of `{study.claims.path.name}` (the study's `[report] claims`). "
+                  "Numbers measured on another dataset are shown, not judged; a verdict is "
                   "given only on what a claim says qualitatively (more, grows, slower), by the "
-                  "rule in the last column.", "", *table_lines(talk, tables)]
+                  "rule in the last column.", "", *table_lines(claimed, tables)]
     lines += ["## Configurations", "",
               *table_lines(configs_table(configs, per_shape_clean(certified)), tables)]
     if len(certified):
         lines += certified_lines(certified, configs, accuracy, gains, params, tables,
-                                 figures_dir, figures)
+                                 figures_dir, figures, study.sweep)
     else:
         lines += ["## Certified accuracy", "",
                   "_No certification rows (`patchbench run`) in this selection: only the "
@@ -425,9 +443,10 @@ def update_readme(readme: str | Path, out_dir: str | Path) -> None:
 
 def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Table,
                     gains: Table | None, params: dict[str, dict], tables: Path,
-                    figures_dir: Path, figures) -> list[str]:
-    """The sections of the certification rows: accuracy, shapes, sweep, gains, time."""
-    sweep = rf_sweep_table(certified, configs, params)
+                    figures_dir: Path, figures, sweep_spec: SweepSpec | None) -> list[str]:
+    """The sections of the certification rows: accuracy, shapes, the study's sweep, gains,
+    time."""
+    sweep = sweep_table(certified, configs, params, sweep_spec) if sweep_spec else None
     long = certified.assign(**{figures.CERTIFIED: 100 * certified["certified_accuracy"]})
     primary = primary_of_rows(certified)  # the heatmaps show each defense's primary condition
     condition = ", ".join(dict.fromkeys(primary[d] for d in certified["defense"]))
@@ -442,10 +461,12 @@ def certified_lines(certified: pd.DataFrame, configs: pd.DataFrame, accuracy: Ta
     lines += ["## Patch shapes", "",
               f"Certified accuracy ({condition}) by patch height and width: a defense robust "
               "to the aspect ratio has similar values for `h x w` and `w x h`.", "",
-              *figure_lines("Certified accuracy by patch shape", "patch_shapes.png"),
-              "## Receptive-field sweep", ""]
-    lines += (table_lines(sweep, tables) if sweep is not None else
-              ["_No configuration has a receptive-field (`rf`) parameter._", ""])
+              *figure_lines("Certified accuracy by patch shape", "patch_shapes.png")]
+    if sweep_spec is not None:  # the study's [report] sweep
+        lines += [f"## {sweep_spec.heading}", ""]
+        lines += (table_lines(sweep, tables) if sweep is not None else
+                  [f"_No configuration of {sweep_spec.defense} has the parameter "
+                   f"`{sweep_spec.param}`._", ""])
     lines += ["## Tight vs global", ""]
     lines += (table_lines(gains, tables) if gains is not None else
               ["_Only one condition was certified._", ""])

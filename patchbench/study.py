@@ -23,13 +23,24 @@ import torch
 from patchbench.attacking import plan_attack, run_attack
 from patchbench.certify import CONDITIONS
 from patchbench.checkpoint import CheckpointError, checkpoint_meta
+from patchbench.claims import load_claims
 from patchbench.data import SplitCache, load_dataset
 from patchbench.defense import get_defense
 from patchbench.evaluate import certify_split
 from patchbench.patches import parse_patches
+from patchbench.report import StudyReport, build_report, update_readme
 from patchbench.results import failure_path, is_finished, read_rows, rows_path
 from patchbench.selection import defense_rows, select_setting
-from patchbench.study_file import Attack, Certify, Chosen, Select, Step, Study, StudyError
+from patchbench.study_file import (
+    Attack,
+    Certify,
+    Chosen,
+    ReportSpec,
+    Select,
+    Step,
+    Study,
+    StudyError,
+)
 from patchbench.sweep import Cell, plan, run_sweep, untrained
 from patchbench.train import TrainConfig, estimate_seconds
 from patchbench.zoo import find_model
@@ -294,14 +305,17 @@ def run_study(study: Study, options: Options = Options(), dry_run: bool = False,
 
 def report_study(study: Study, options: Options) -> tuple[Path, Path | None]:
     """Write the study's report (and README block); (report path, README or None)."""
-    from patchbench.report import build_report, update_readme
-
     spec = study.report
     root = Path(options.results_dir or study.results)
-    report = build_report(root, spec.out, None, None, spec.gallery_images)
+    report = build_report(root, spec.out, None, None, spec.gallery_images, study_report(spec))
     if spec.readme:
         update_readme(spec.readme, spec.out)
     return report, Path(spec.readme) if spec.readme else None
+
+
+def study_report(spec: ReportSpec) -> StudyReport:
+    """What the study adds to its report: the sweep table and the claims file, loaded."""
+    return StudyReport(spec.sweep, load_claims(spec.claims) if spec.claims else None)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -22,6 +22,7 @@ from typing import Any
 
 from patchbench.attack import AttackBudget
 from patchbench.patches import parse_patches
+from patchbench.tables import SweepSpec
 
 KINDS = ("certify", "select", "attack")
 
@@ -99,6 +100,8 @@ class ReportSpec:
     out: str = "reports"
     readme: str | None = None
     gallery_images: int = 3
+    claims: Path | None = None  # a claims file (patchbench.claims), beside the study file
+    sweep: SweepSpec | None = None  # the parameter sweep shown as one table
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,9 @@ def load_study(path: str | Path) -> Study:
     except FileNotFoundError:
         raise StudyError(f"no study file {path}") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise StudyError(f"cannot read study file {path}: {err}") from None
+        raise StudyError(f"{path}: cannot read the study file: {err}") from None
     except tomllib.TOMLDecodeError as err:
-        raise StudyError(f"study file {path} is not valid TOML: {err}") from None
+        raise StudyError(f"{path}: not valid TOML: {err}") from None
     return Reader(path, doc).study()
 
 
@@ -235,12 +238,24 @@ class Reader:
     def report(self, entry: Any) -> ReportSpec:
         if not isinstance(entry, dict):
             raise self.fail("[report]", "a table")
-        self.keys(entry, "[report]", {"out", "readme", "gallery_images"})
+        self.keys(entry, "[report]", {"out", "readme", "gallery_images", "claims", "sweep"})
         gallery = entry.get("gallery_images", 3)
         if not isinstance(gallery, int) or gallery < 0:
             raise self.fail("[report]", f"gallery_images is a count, not {gallery!r}")
+        claims = entry.get("claims")
+        if claims is not None:
+            claims = self.path.parent / self.text(entry, "claims", "[report]", "")
+            if not claims.is_file():
+                raise self.fail("[report]", f"no claims file {claims}")
+        sweep = self.table(entry, "sweep", "[report]") if "sweep" in entry else None
+        if sweep is not None:
+            self.keys(sweep, "[report] sweep", {"defense", "param", "title"})
+            if not all(isinstance(sweep.get(k), str) for k in ("defense", "param")):
+                raise self.fail("[report] sweep", "needs defense and param (text)")
+            sweep = SweepSpec(sweep["defense"], sweep["param"],
+                              self.text(sweep, "title", "[report] sweep", ""))
         return ReportSpec(self.text(entry, "out", "[report]", "reports"), entry.get("readme"),
-                          gallery)
+                          gallery, claims, sweep)
 
     # --- values ------------------------------------------------------------------------------
 

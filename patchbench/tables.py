@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -168,14 +169,27 @@ def configs_table(configs: pd.DataFrame, per_shape: list[str] | None = None) -> 
                  accuracy_intervals(frame))
 
 
-def rf_sweep_table(certified: pd.DataFrame, configs: pd.DataFrame,
-                   params: dict[str, dict]) -> Table | None:
-    """The talk's table: a column per receptive field, then the other defenses for comparison.
+@dataclass(frozen=True)
+class SweepSpec:
+    """A study's parameter sweep, shown as one table (``[report] sweep`` of a study file): a
+    column per value of ``param`` among the configurations of ``defense``, then the other
+    defenses for comparison."""
 
-    None when no configuration has a receptive field (``rf``) parameter.
-    """
-    swept = sorted((k for k in configs["key"] if "rf" in params[k]),
-                   key=lambda k: (params[k]["rf"], k))
+    defense: str
+    param: str
+    title: str = ""  # default: "<defense> by <param>"
+
+    @property
+    def heading(self) -> str:
+        return self.title or f"{self.defense} by {self.param}"
+
+
+def sweep_table(certified: pd.DataFrame, configs: pd.DataFrame, params: dict[str, dict],
+                spec: SweepSpec) -> Table | None:
+    """The sweep's table; None when no configuration of the defense has the parameter."""
+    swept = sorted((k for k, d in zip(configs["key"], configs["defense"], strict=True)
+                    if d == spec.defense and spec.param in params[k]),
+                   key=lambda k: (params[k][spec.param], k))
     if not swept:
         return None
     datasets = set(configs.loc[configs["key"].isin(swept), "dataset"])
@@ -191,8 +205,8 @@ def rf_sweep_table(certified: pd.DataFrame, configs: pd.DataFrame,
     for key in keys:
         row = by_key.loc[key]
         header = row["config"]
-        if key in swept and "rf=" not in header:
-            header = f"{header} rf={params[key]['rf']}"
+        if key in swept and f"{spec.param}=" not in header:
+            header = f"{header} {spec.param}={params[key][spec.param]}"
         mine = mine_rows[mine_rows["config_key"] == key].set_index("patch")["certified_accuracy"]
         n = int(row["images"])
         columns[header] = [percent_interval(row["clean (%)"], n),
@@ -207,8 +221,8 @@ def rf_sweep_table(certified: pd.DataFrame, configs: pd.DataFrame,
     conditions = "" if len(used) < 2 else "; each defense under its primary condition: " + (
         ", ".join(f"{cond} ({', '.join(d for d in defenses if primary.get(d) == cond)})"
                   for cond in used))
-    return Table("rf_sweep", "Receptive-field sweep", frame,
-                 f"BagCert by receptive field, other defenses for comparison{conditions}; "
+    return Table(f"{spec.param}_sweep", spec.heading, frame,
+                 f"{spec.defense} by {spec.param}, other defenses for comparison{conditions}; "
                  f"times measured on {devices or 'an unrecorded device'}, in separate runs. "
                  f"{INTERVALS}")
 
@@ -241,21 +255,21 @@ def gain_table(accuracy: pd.DataFrame, paired: PairedTests) -> Table | None:
                  accuracy_intervals(frame))
 
 
-def rf_sweep(configs: pd.DataFrame, params: dict[str, dict]) -> dict[int, str]:
-    """rf -> config of the BagCert configurations that differ only in rf (the largest such
-    group, at least two receptive fields); {} if there is none."""
-    groups: dict[str, dict[int, str]] = {}
+def sweep_configs(configs: pd.DataFrame, params: dict[str, dict], spec: SweepSpec
+                  ) -> dict[Any, str]:
+    """value -> config of the sweep's configurations that differ only in ``spec.param`` (the
+    largest such group, at least two values); {} if there is none."""
+    groups: dict[str, dict[Any, str]] = {}
     for key, config, defense in zip(configs["key"], configs["config"], configs["defense"],
                                     strict=True):
         described = params.get(key, {})
-        if defense != "bagcert" or "rf" not in described:
+        if defense != spec.defense or spec.param not in described:
             continue
-        rest = json.dumps({k: v for k, v in described.items() if k != "rf"}, sort_keys=True)
-        groups.setdefault(rest, {})[int(described["rf"])] = config
+        rest = json.dumps({k: v for k, v in described.items() if k != spec.param},
+                          sort_keys=True)
+        groups.setdefault(rest, {})[described[spec.param]] = config
     sweep = max(groups.values(), key=len, default={})
     return dict(sorted(sweep.items())) if len(sweep) >= 2 else {}
-
-
 
 
 def attack_table(empirical: pd.DataFrame, runs: pd.DataFrame, per_image: PerImage) -> Table:

@@ -1,4 +1,5 @@
-"""The talk's claims beside report tables: each rule on both sides of its line.
+"""The talk's claims (``studies/bagcert_talk.py``, the Fashion-MNIST study's claims file)
+beside report tables, through the claims machinery: each rule on both sides of its line.
 
 The frames are built by hand from per-image outcomes (the first k of 200 images correct, the
 first k certified), so every accuracy in the accuracy table agrees with the per-image flags the
@@ -10,6 +11,7 @@ benchmark rows of one run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,14 +21,19 @@ from patchbench.claims import (
     FAILS,
     HOLDS,
     NOT_COMPARED,
-    TALK_BAGCERT,
-    rf_sweep,
-    talk_sentence,
-    talk_table,
+    ClaimsError,
+    claims_sentence,
+    claims_table,
+    load_claims,
 )
 from patchbench.paired import PairedTests
 from patchbench.stats import wilson
-from patchbench.tables import TIME
+from patchbench.tables import TIME, SweepSpec, sweep_configs
+
+STUDIES = Path(__file__).resolve().parent.parent / "studies"
+TALK = load_claims(STUDIES / "bagcert_talk.py")
+TALK_BAGCERT = {"clean": 86.0, "certified_5x5": 60.0}  # the talk's, as the claims file has it
+SWEEP = SweepSpec("bagcert", "rf")
 
 N = 200  # images of every configuration
 SERIES = ("1x24", "2x12", "5x5", "12x2", "24x1")  # the equal-area aspect series
@@ -104,8 +111,9 @@ class Frames:
     paired: PairedTests
 
     def table(self, bench: pd.DataFrame | None = None):
-        return talk_table(self.accuracy, self.configs, self.params, self.chosen, self.paired,
-                          bench)
+        return claims_table(TALK, self.accuracy, self.configs, self.params, self.chosen,
+                            self.paired, bench, {"d": sweep_configs(self.configs, self.params,
+                                                                    SWEEP)})
 
     def verdicts(self, bench: pd.DataFrame | None = None) -> dict[str, tuple[str, str]]:
         table = self.table(bench)
@@ -161,12 +169,28 @@ def bench(*runs: dict[str, float], batch: int = 32, shapes: int = 20) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def test_the_rf_sweep_is_the_group_that_differs_only_in_rf():
+def test_the_sweep_is_the_group_that_differs_only_in_its_parameter():
     x = frames()
-    assert rf_sweep(x.configs, x.params) == {5: "b5", 7: "b7", 9: "b9"}
+    assert sweep_configs(x.configs, x.params, SWEEP) == {5: "b5", 7: "b7", 9: "b9"}
     other = {**x.params, "b9": {"rf": 9, "width": 16}}  # another width: not the same recipe
-    assert rf_sweep(x.configs, other) == {5: "b5", 7: "b7"}
-    assert rf_sweep(x.configs[x.configs["key"] == "b5"], x.params) == {}  # one rf
+    assert sweep_configs(x.configs, other, SWEEP) == {5: "b5", 7: "b7"}
+    one = x.configs[x.configs["key"] == "b5"]
+    assert sweep_configs(one, x.params, SWEEP) == {}  # one rf
+    assert sweep_configs(x.configs, x.params, SweepSpec("ds-column", "rf")) == {}
+
+
+def test_a_claims_file_must_load_and_define_the_contract(tmp_path: Path):
+    assert TALK.source == "talk (CIFAR-10)" and len(TALK.checks) == 10
+    missing = tmp_path / "claims.py"
+    missing.write_text("TITLE = 'x'\nCHECKS = ()\n")
+    with pytest.raises(ClaimsError, match="does not define SOURCE, NOTE"):
+        load_claims(missing)
+    broken = tmp_path / "broken.py"
+    broken.write_text("import no_such_module\n")
+    with pytest.raises(ClaimsError, match="fails to load: ModuleNotFoundError"):
+        load_claims(broken)
+    with pytest.raises(ClaimsError, match="no claims file"):
+        load_claims(tmp_path / "absent.py")
 
 
 def test_the_headline_number_is_shown_never_judged():
@@ -307,14 +331,15 @@ def test_bagcert_a_little_slower_than_column(bagcert_ips: float, verdict: str):
 def test_claims_without_their_inputs_are_left_out():
     x = frames()
     only_bagcert = x.accuracy[x.accuracy["defense"] == "bagcert"]
-    claims = set(talk_table(only_bagcert, x.configs, x.params, x.chosen, x.paired)
+    claims = set(claims_table(TALK, only_bagcert, x.configs, x.params, x.chosen, x.paired,
+                              sweeps={"d": sweep_configs(x.configs, x.params, SWEEP)})
                  .frame["claim"])
     assert {STABLE, BLOCK} & claims == set()  # their smoothing rows are not in the table
     assert {HEADLINE, TIGHT, RF7, LARGE} <= claims
     not_chosen = frames(chosen={})  # nothing chosen on val: no claim about a chosen one
     assert {HEADLINE, TIGHT, LARGE, STABLE, BLOCK} & set(not_chosen.verdicts()) == set()
-    assert talk_table(x.accuracy[x.accuracy["defense"] == "ds-row"], x.configs, x.params,
-                      x.chosen, x.paired) is None
+    assert claims_table(TALK, x.accuracy[x.accuracy["defense"] == "ds-row"], x.configs,
+                        x.params, x.chosen, x.paired) is None
 
 
 def test_the_summary_counts_verdicts_and_names_what_does_not_hold():
@@ -324,12 +349,12 @@ def test_the_summary_counts_verdicts_and_names_what_does_not_hold():
     frame = table.frame
     judged = frame[frame["verdict"].isin([HOLDS, FAILS])]
     assert (frame["verdict"] == NOT_COMPARED).sum() == 1
-    sentence = talk_sentence(table)
+    sentence = claims_sentence(TALK, table)
     assert sentence.startswith(
         "Of the talk's CIFAR-10 claims that state something checkable here, "
         f"{(judged['verdict'] == HOLDS).sum()} of {len(judged)} hold on d "
         f"({len(frame) - len(judged)} more is shown")
     assert sentence.count("; these do not: ") == 1
-    assert f"{LARGE} (talk: yes; here: 4.0% at 10x10, lower 95% bound" in sentence
-    everything = talk_sentence(frames().table())
+    assert f"{LARGE} (talk (CIFAR-10): yes; here: 4.0% at 10x10, lower 95% bound" in sentence
+    everything = claims_sentence(TALK, frames().table())
     assert "these do not" not in everything and everything.endswith(".")

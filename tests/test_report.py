@@ -68,6 +68,10 @@ def pct(count: int, n: int = IMAGES) -> float:
     return 100 * count / n
 
 
+# the Fashion-MNIST study's [report]: the receptive-field sweep and the talk's claims
+STUDY = ("--study", str(Path(__file__).resolve().parent.parent / "studies" / "fashion-mnist.toml"))
+
+
 def invoke(*args: str, cache: Path | None = None) -> Result:
     env = {"COLUMNS": "200", **({"PATCHBENCH_CACHE": str(cache)} if cache else {})}
     return CliRunner().invoke(cli, list(args), env=env)
@@ -204,7 +208,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     add_failed_cell(results)
     (out / "figures").mkdir(parents=True)
     (out / "figures" / STALE_GALLERY).write_bytes(b"left by an older report")
-    result = invoke("report", "--results-dir", str(results), "--out", str(out), cache=cache)
+    result = invoke("report", "--results-dir", str(results), "--out", str(out), *STUDY,
+                    cache=cache)
     return Built(results, out, result, read_all_rows(results))
 
 
@@ -235,7 +240,7 @@ def test_report_writes_markdown_figures_and_tables(built: Built) -> None:
             assert image.format == "PNG" and min(image.size) > 100
             image.verify()
     for name in ("accuracy", "configurations", "rf_sweep", "tight_vs_global", "gallery",
-                 "certified_vs_attacked", "headline", "talk"):
+                 "certified_vs_attacked", "headline", "claims"):
         assert f"(tables/{name}.csv)" in text
         tex = (built.out / "tables" / f"{name}.tex").read_text()
         assert tex.startswith("\\begin{tabular}") and "\\bottomrule" in tex
@@ -351,8 +356,8 @@ def test_findings_are_computed_from_the_tables(built: Built) -> None:
     rf5 = pd.read_csv(built.results / "per_image" / f"{rf5_cell}.csv.gz")
     rf5_flags = (rf5["prediction"] == rf5["label"]) & (rf5["margin_tight_5x5"] >= 0)
     test = mcnemar(np.arange(IMAGES) < CRAFTED["5x5"][0], rf5_flags.to_numpy())
-    assert (f"Across receptive fields 5, 7 (one recipe), on test, rf 7 certifies the most at "
-            f"5x5 (40.6%, {RF7}), " + ("significantly ahead of every other rf" if
+    assert (f"Across rf 5, 7 (bagcert, one recipe), on test, rf 7 certifies the most at "
+            f"5x5 (40.6% tight, {RF7}), " + ("significantly ahead of every other rf" if
                                        test.significant else "tied with rf 5")) in findings
     assert (f"Patch orientation matters most to **{RF7}**: 25.0% at 2x12 vs 37.5% at 12x2 "
             "(12.5 points, p = ") in findings
@@ -364,7 +369,7 @@ def test_findings_are_computed_from_the_tables(built: Built) -> None:
         assert "**At or below chance**" in findings
         for config in low["config"]:
             assert f"{config} (" in findings.split("**At or below chance**")[1]
-    talk = table(built, "talk")
+    talk = table(built, "claims")
     assert "## The talk's CIFAR-10 claims beside this dataset's numbers" in text
     judged = talk[talk["verdict"].isin(["holds", "does not hold"])]
     assert (f"Of the talk's CIFAR-10 claims that state something checkable here, "
@@ -402,7 +407,8 @@ def test_filters_keep_only_what_was_asked(built: Built) -> None:
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
     assert "bagcert" not in text and "## Failed cells" not in text
-    assert "_No configuration has a receptive-field (`rf`) parameter._" in text
+    # no study given: no study's sweep table, no study's claims
+    assert "sweep" not in text.lower() and "claims" not in text
     # no attack rows in this selection: no attack section, no attack table
     assert "## Certified vs attacked" not in text and "empirical" not in text
     assert not (out / "tables" / "certified_vs_attacked.csv").exists()
@@ -698,9 +704,9 @@ def test_speed_claims_come_from_the_median_throughput_of_one_bench_run(built: Bu
                               index=False)
     out = tmp_path / "out"
     result = invoke("report", "--results-dir", str(results), "--out", str(out),
-                    "--gallery-images", "0")
+                    "--gallery-images", "0", *STUDY)
     assert result.exit_code == 0, result.output
-    talk = pd.read_csv(out / "tables" / "talk.csv").set_index("claim")
+    talk = pd.read_csv(out / "tables" / "claims.csv").set_index("claim")
     growth = talk.loc["Certification time grows with the receptive field (rf 5 to 13)"]
     assert growth["verdict"] == "holds"
     assert growth["here"] == ("x2.00 (bench run 01234567, batch 16, 20 shapes, cpu, "
@@ -936,7 +942,7 @@ def mixed(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Mixed:
     add_masking_attack(results, masking, per_image)
     add_crafted_masking(results, masking, per_image)
     result = invoke("report", "--results-dir", str(results), "--out", str(out),
-                    "--gallery-images", "2", cache=cache)
+                    "--gallery-images", "2", *STUDY, cache=cache)
     return Mixed(results, cache, out, result, masking, per_image)
 
 
