@@ -69,7 +69,8 @@ COMMANDS = commands()
 
 def test_readme_has_the_examples_this_test_runs() -> None:
     verbs = {args[0] for args in COMMANDS}
-    assert {"models", "run", "attack", "train", "bench", "report", "defenses"} <= verbs
+    assert {"models", "run", "attack", "train", "bench", "report", "defenses",
+            "study"} <= verbs
     assert len(blocks("python")) >= 3
 
 
@@ -80,6 +81,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("readme")
     shutil.copy(ROOT / "README.md", path / "README.md")
     shutil.copytree(ROOT / "results", path / "results")
+    shutil.copytree(ROOT / "studies", path / "studies")
     return path
 
 

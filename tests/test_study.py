@@ -205,3 +205,13 @@ def test_chosen_values_and_named_shapes_and_recipes_are_read():
     assert len(study.step("bagcert-rf-sweep").spec.patches) == 18
     assert study.step("bagcert-val").spec.train == {"hold_out_val": True, "precision": "bf16"}
     assert study.report.sweep.param == "rf" and study.report.claims.name == "bagcert_talk.py"
+
+
+def test_readme_study_example_is_a_valid_study(tmp_path: Path):
+    """README's ```toml example reads as a study (its claims file beside it, as in studies/)."""
+    text = (REPO / "README.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    shutil.copy(STUDIES / "bagcert_talk.py", tmp_path / "bagcert_talk.py")
+    study = load_study(write(tmp_path, example))
+    assert [s.kind for s in study.steps] == ["certify", "certify", "select", "attack"]
+    assert study.step("bagcert-attack").spec.budget.steps == 10
