@@ -21,6 +21,8 @@ from patchbench.defense import Defense, get_defense
 from patchbench.patches import PatchShape
 from patchbench.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models train faster on one thread
+
 SIDE = 12
 DEFENSES = {"bagcert": {"rf": 5, "width": 8, "patch_min": 1, "patch_max": 3, "lr": 3e-3,
                         "cell_loss": "ce"},
@@ -55,6 +57,7 @@ def trained(request) -> tuple[Defense, torch.nn.Module]:
     return trained_model(request.param)
 
 
+@pytest.mark.slow  # probes every pixel of every defense
 def test_touched_cells_are_the_footprints(trained):
     """The attack's own geometry (``touched_cells``) and the certificate's agree exactly."""
     defense, _ = trained
@@ -69,6 +72,7 @@ def test_touched_cells_are_the_footprints(trained):
         assert touched == set(defense.footprints(patch, (SIDE, SIDE)).cells())
 
 
+@pytest.mark.slow  # trains a model of every defense
 def test_certified_images_survive_the_attack(trained):
     """Zero violations for both conditions (global implies tight), on images of which some
     are certified, so the check is not vacuous."""
@@ -88,6 +92,7 @@ def test_certified_images_survive_the_attack(trained):
     assert (summary["certified_accuracy_tight"] >= summary["certified_accuracy_global"]).all()
 
 
+@pytest.mark.slow  # trains a model of every defense
 def test_the_attack_breaks_uncertified_images(trained):
     """A 7 x 7 patch: the attack flips correct, uncertified images, and the witness it reports
     changes the prediction."""
@@ -103,6 +108,7 @@ def test_the_attack_breaks_uncertified_images(trained):
     assert (table.loc[broken, f"adv_top_{patch}"] >= 0).all()
 
 
+@pytest.mark.slow  # trains a model of every defense
 def test_a_wrong_certificate_is_caught(trained, monkeypatch):
     """Certify 7 x 7 patches with the footprints of 1 x 1 ones: the attack must find
     certified images it breaks, and ``check`` must say which."""
@@ -143,6 +149,7 @@ ATTACK = ["attack", "--defense", "bagcert", "--dataset", "synthetic", "--n-image
           "--steps", "2", "--restarts", "1", "--position-stride", "9"]
 
 
+@pytest.mark.slow  # trains
 def test_cli_attack_writes_empirical_rows(checkpoint: Path):
     result = invoke(*ATTACK, "--patch", "2x2,3x5", "--checkpoint", str(checkpoint))
     assert result.exit_code == 0, result.output
@@ -154,6 +161,7 @@ def test_cli_attack_writes_empirical_rows(checkpoint: Path):
     assert len(list(Path("results/per_image").glob("*.csv.gz"))) == 1
 
 
+@pytest.mark.slow  # trains
 def test_cli_attack_skips_a_finished_cell_unless_forced(checkpoint: Path):
     """A study re-run resumes: a finished attack is not attacked again; --force redoes it,
     and a different budget is another cell."""
@@ -171,6 +179,7 @@ def test_cli_attack_skips_a_finished_cell_unless_forced(checkpoint: Path):
     assert len(list(Path("results/rows").glob("*.csv"))) == 2
 
 
+@pytest.mark.slow  # trains
 def test_cli_attack_exits_4_on_a_violation(checkpoint: Path, monkeypatch: pytest.MonkeyPatch):
     """A wrong certificate (1 x 1 footprints for a 20 x 20 patch): exit code 4, one line naming
     the first violation, and the results still written."""
@@ -194,6 +203,7 @@ def test_cli_attack_without_a_trained_model_is_one_line(tmp_path: Path,
     assert "no trained model" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow  # trains
 def test_cli_attack_applies_a_certify_only_threshold(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch):
     """As for ``run``: a smoothing threshold differing from training is no clash."""

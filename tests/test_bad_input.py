@@ -425,7 +425,9 @@ INTERRUPTED = "Interrupted: finished results are kept."
 BAD_INPUT.update({
     "run: Ctrl-C": Bad((*COMMANDS["run"], "--checkpoint", "{good}"), 130, INTERRUPTED,
                        "patchbench.sweep.certify_split"),
-    "train: Ctrl-C": Bad(COMMANDS["train"], 130, INTERRUPTED, "patchbench.train.train"),
+    "train: Ctrl-C": pytest.param(  # a training run to interrupt: in the full suite only
+        Bad(COMMANDS["train"], 130, INTERRUPTED, "patchbench.train.train"),
+        marks=pytest.mark.slow),
     "attack: Ctrl-C": Bad(COMMANDS["attack"], 130, INTERRUPTED,
                           "patchbench.attacking.attack_split"),
     "bench: Ctrl-C": Bad(COMMANDS["bench"], 130, INTERRUPTED, "patchbench.bench.run_bench"),

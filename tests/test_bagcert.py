@@ -49,8 +49,9 @@ def patch_footprints(support: torch.Tensor, patch: PatchShape) -> set[frozenset]
     return cells
 
 
-@pytest.mark.parametrize("params", CONFIGS, ids=lambda p: "-".join(f"{k}{v}" for k, v in
-                                                                       p.items()))
+@pytest.mark.parametrize("params", [  # the fast subset probes the small receptive fields
+    pytest.param(c, id="-".join(f"{k}{v}" for k, v in c.items()),
+                 marks=[pytest.mark.slow] if c["rf"] > 5 else []) for c in CONFIGS])
 def test_footprints_match_probing(params, monkeypatch):
     """The claimed footprints equal the structural support and cover the real network's.
 
@@ -103,6 +104,7 @@ def test_trained_checkpoint_reloads_to_identical_votes(tmp_path):
                                                                               images))
 
 
+@pytest.mark.slow  # trains
 def test_margin_training_certifies_on_synthetic_stripes():
     data = load_dataset("synthetic", "train")
     defense = BagCert(rf=5, width=16, margin=0.3, patch_max=4)
@@ -114,6 +116,7 @@ def test_margin_training_certifies_on_synthetic_stripes():
     assert (correct & cert.certified["tight"][:, 0]).float().mean() > 0.5
 
 
+@pytest.mark.slow  # trains
 def test_bf16_training_learns_keeps_fp32_weights_and_reloads(tmp_path):
     """Mixed precision changes the arithmetic, not the model: weights stay fp32 and a saved
     model reloads to the same votes in plain fp32 evaluation."""

@@ -45,6 +45,7 @@ def read_rows(folder: Path) -> pd.DataFrame:
     return pd.read_csv(files[0])
 
 
+@pytest.mark.slow  # times real runs
 def test_bench_writes_documented_rows_with_positive_ratios(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = invoke("bench", "--defense", "bagcert,ds-column", "--rf", "5", *TINY,
@@ -77,6 +78,7 @@ def test_bench_writes_documented_rows_with_positive_ratios(tmp_path: Path) -> No
     assert (rows[rows["defense"] == "bagcert"]["param_rf"] == 5).all()
 
 
+@pytest.mark.slow  # times real runs
 def test_bench_runs_patchcleanser(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = invoke("bench", "--defense", "patchcleanser", "--masks-per-axis", "3", *TINY,

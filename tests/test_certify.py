@@ -59,9 +59,20 @@ def vote_problems(draw):
     return votes, fp, one_hot
 
 
+@pytest.mark.slow  # thousands of maps; the fast subset checks a hundred below
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(vote_problems())
 def test_tight_equals_brute_force_and_global_implies_tight(problem):
+    check_against_brute_force(problem)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vote_problems())
+def test_tight_equals_brute_force_on_a_hundred_maps(problem):
+    check_against_brute_force(problem)
+
+
+def check_against_brute_force(problem) -> None:
     votes, fp, one_hot = problem
     cert = certify_votes(torch.from_numpy(votes)[None], [fp])
     tight = bool(cert.certified["tight"][0, 0])
@@ -148,6 +159,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 
 
+@pytest.mark.slow  # ImageNet-size maps
 def test_memory_stays_bounded_for_1000_classes():
     """1000 classes, a 26x26 map, batch 64, 30 shapes: the votes alone are 43 MB as bool."""
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True,

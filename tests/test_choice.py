@@ -27,6 +27,8 @@ from patchbench.choice import (
 from patchbench.report import build_report
 from patchbench.stats import mcnemar
 
+pytestmark = pytest.mark.slow  # builds reports
+
 N = 200  # test images of every hand-made cell
 DATASET = "synthetic"
 # rows without a recipe: trained before hold_out_val existed, so with val (not the default)

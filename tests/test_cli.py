@@ -131,6 +131,7 @@ def test_run_one_condition(checkpoints: Checkpoints, tmp_path: Path) -> None:
     assert len(per_image) == 8
 
 
+@pytest.mark.slow  # trains
 def test_run_without_checkpoint_trains_once_then_reuses_the_cache(isolated_cache: Path,
                                                                   tmp_path: Path) -> None:
     args = ("run", "--defense", "bagcert", *TINY, "--patch", "5x5", "--n-images", "16",
@@ -180,6 +181,7 @@ def test_defenses_name_shows_each_parameter_with_type_default_and_help() -> None
     assert "Invalid value for 'NAME': unknown defense 'nope'" in unknown.stderr
 
 
+@pytest.mark.slow  # spawns interpreters
 def test_the_plugin_api_imports_without_the_harness_s_heavy_packages() -> None:
     """What a plugin imports (patchbench.defense, .footprints, .patches, .certify) loads
     torch and nothing of pandas, click, rich, seaborn, matplotlib or joblib."""

@@ -165,6 +165,7 @@ class DataDependent(nn.Module):
         return y if y.sum() > 0 else -y
 
 
+@pytest.mark.slow  # builds timm models
 @pytest.mark.parametrize("name", ["bagcert", "ds-column", "resnet18", "untraceable"])
 def test_for_inference_is_the_same_function_without_batchnorm(name: str) -> None:
     torch.manual_seed(0)

@@ -148,6 +148,7 @@ def test_certified_vs_attacked_without_counts_draws_bars_only() -> None:
     assert any(ax.patches for ax in fig.axes)
 
 
+@pytest.mark.slow  # draws every heatmap
 def test_shape_heatmaps_name_their_widest_interval(tmp_path: Path) -> None:
     long = long_frame()
     extra = long.assign(config=long["config"] + " copy")

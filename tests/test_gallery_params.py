@@ -49,7 +49,7 @@ class Runs:
     bf16: Path  # the same cell certified in bf16
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # trains and builds reports
 
 
 @pytest.fixture(scope="module")

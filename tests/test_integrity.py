@@ -18,6 +18,8 @@ from patchbench.integrity import (
 )
 from patchbench.results import ResultsError, load_results, metric_of
 
+pytestmark = pytest.mark.slow  # every test copies and alters committed cells
+
 COMMITTED = Path(__file__).resolve().parent.parent / "results"
 VOTES = "02f04f1adf0d4d71"  # ds-row certification: one prediction, margins, 36 rows
 MASKING = "e1a30a88364445d1"  # PatchCleanser certification: a prediction per patch, 18 rows

@@ -74,6 +74,7 @@ def report_labels(results: Path, out: Path) -> dict[str, str]:
     return dict(zip(configs["checkpoint"], configs["config"], strict=True))
 
 
+@pytest.mark.slow  # trains and builds reports
 def test_a_configuration_has_one_label_whoever_shares_its_folder(tmp_path: Path):
     """BagCert rf 7, width 8 alone, then beside rf 5 (same recipe), rf 7 in bf16 and column
     smoothing: the same label both times (not the parameters that happen to vary)."""

@@ -16,6 +16,8 @@ from torch import nn
 
 from patchbench.patches import PatchShape
 
+pytestmark = pytest.mark.slow  # installs a plugin and trains through the CLI
+
 PLUGINS = Path(__file__).parent / "plugins"
 TRAIN = ["--dataset", "synthetic", "--epochs", "1", "--max-train-images", "64"]
 RUN = ["run", "--defense", "quad-mask", "--patch", "3x3,2x5", *TRAIN, "--n-images", "12",

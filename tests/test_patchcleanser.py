@@ -25,7 +25,8 @@ STUDY_GRID = parse_patches(["1x1,2x2,3x3,4x4,5x5,6x6,7x7,8x8,9x9,10x10,"
                             "1x24,2x12,3x8,4x6,6x4,8x3,12x2,24x1"])
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("k", [1, 2, *(pytest.param(k, marks=pytest.mark.slow)
+                                      for k in (3, 4, 5, 6, 7, 8))])
 def test_every_position_of_every_study_shape_lies_inside_one_mask(k):
     """Exhaustive, corners included: for each patch position, some mask contains all of it."""
     image_hw = (28, 28)
@@ -101,6 +102,7 @@ def test_double_masking_matches_the_published_loop(seed, k, classes, ph, pw):
         assert bool(out.certified[b]) == certified
 
 
+@pytest.mark.slow  # many masked passes
 def test_a_certified_image_keeps_its_prediction_under_patches():
     """Soundness on a random (untrained) network: every position, extreme and random content."""
     torch.manual_seed(0)

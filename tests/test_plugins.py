@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # spawns processes with plugins on their path
+
 PLUGINS = Path(__file__).parent / "plugins"
 
 

@@ -191,7 +191,8 @@ def add_failed_cell(results: Path) -> None:
 STALE_GALLERY = "gallery_9_a-config-no-longer-here.png"
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# slow: trains and certifies tiny models, then builds reports
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,7 @@ def test_a_small_study_runs_chooses_on_val_and_resumes_without_recomputing(tmp_p
     assert "6 entries: 5 done, 1 chosen" in done.output
 
 
+@pytest.mark.slow  # reads every committed cell
 def test_the_committed_study_is_done_cell_for_cell():
     """Every committed certification and attack cell is one of the study file's, and the
     dry run finds each of them done: the file reproduces the results without recomputing."""
@@ -136,6 +137,7 @@ def test_the_committed_study_is_done_cell_for_cell():
     assert [s.state for s in losses.states] == ["done"] * 4
 
 
+@pytest.mark.slow  # reads every committed cell
 def test_the_dry_run_command_lists_the_committed_study_as_done(tmp_path: Path):
     results = tmp_path / "results"
     shutil.copytree(REPO / "results", results)

@@ -73,6 +73,7 @@ def files(sweep: Sweep) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in paths}
 
 
+@pytest.mark.slow  # trains two models
 def test_a_two_cell_sweep_writes_rows_and_per_image_tables(swept: Sweep) -> None:
     out = swept.results
     assert swept.stderr.count("saved ") == 2  # one model per cell, trained once
@@ -98,6 +99,7 @@ def test_a_two_cell_sweep_writes_rows_and_per_image_tables(swept: Sweep) -> None
         assert len(images) == 64 and (images["cell"] == path.stem).all()
 
 
+@pytest.mark.slow  # trains
 def test_a_rerun_skips_every_finished_cell(copy: Sweep) -> None:
     before = files(copy)
     again = invoke(*SWEEP, "--results-dir", str(copy.results))
@@ -108,6 +110,7 @@ def test_a_rerun_skips_every_finished_cell(copy: Sweep) -> None:
     assert files(copy) == before  # nothing trained, certified or written
 
 
+@pytest.mark.slow  # trains
 def test_force_recomputes_and_replaces_without_duplicates(copy: Sweep) -> None:
     before = files(copy)
     forced = invoke(*SWEEP, "--results-dir", str(copy.results), "--force")
@@ -121,6 +124,7 @@ def test_force_recomputes_and_replaces_without_duplicates(copy: Sweep) -> None:
     assert len(table) == 8 and not table.duplicated(["cell", "patch", "condition"]).any()
 
 
+@pytest.mark.slow  # trains
 def test_the_python_api_returns_every_cell_with_its_status(copy: Sweep, tmp_path: Path) -> None:
     kwargs = {"defenses": "bagcert", "patches": ["2x2"], "dataset": "synthetic",
               "params": {"rf": [3, 5], "width": 8}, "n_images": 64, "device": "cpu",
@@ -139,6 +143,7 @@ def test_the_python_api_returns_every_cell_with_its_status(copy: Sweep, tmp_path
     assert run_sweep(**kwargs)["status"].tolist() == ["skipped"] * 4
 
 
+@pytest.mark.slow  # trains
 def test_a_certify_only_parameter_shares_one_model(tmp_path: Path,
                                                     isolated_cache: Path) -> None:
     out = tmp_path / "results"
@@ -181,6 +186,7 @@ def plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(site))
 
 
+@pytest.mark.slow  # trains
 def test_a_failing_defense_fails_only_its_own_cell(plugins: None, copy: Sweep,
                                                    tmp_path: Path) -> None:
     out = tmp_path / "isolation"
@@ -256,6 +262,7 @@ def test_the_ray_backend_gives_the_rows_of_the_local_one(copy: Sweep, tmp_path: 
             pd.testing.assert_frame_equal(pd.read_csv(a), pd.read_csv(b))
 
 
+@pytest.mark.slow  # trains
 def test_a_lower_precision_is_a_cell_of_its_own_recorded_on_its_rows(copy: Sweep) -> None:
     """bf16 votes may differ from fp32 ones, so they never count as the fp32 cell finished;
     fp32 cells keep their ids (no precision in their identity)."""

@@ -32,6 +32,8 @@ from patchbench.zoo import (
     zoo_rows,
 )
 
+pytestmark = pytest.mark.slow  # reads every shipped checkpoint and the committed results
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_INS = ("bagcert", "ds-column", "ds-row", "ds-block", "patchcleanser")
 NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)+$")
