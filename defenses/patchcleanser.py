@@ -385,7 +385,7 @@ class PatchCleanser(Defense):
     def reference_certify(self, model: nn.Module, images: Tensor,
                           patches: Sequence[PatchShape]):  # -> bench.ReferenceResult
         """Bench (r): the published code's way (``bench.reference_patchcleanser``)."""
-        from patchbench.bench import reference_patchcleanser
+        from patchbench.running.bench import reference_patchcleanser
 
         return reference_patchcleanser(model, images, patches, self.config.masks_per_axis,
                                        self.config.mask_value)
@@ -395,7 +395,7 @@ class PatchCleanser(Defense):
         """Why ``image`` (C, H, W) is (not) certified for ``patch`` (``gallery.Explanation``):
         its one-mask labels on the mask grid and the first two-mask prediction (i <= j, in
         mask order) that differs from the defended prediction, None where it is certified."""
-        from patchbench.gallery import Explanation
+        from patchbench.reporting.gallery import Explanation
 
         image_hw = (image.shape[-2], image.shape[-1])
         check_fits([patch], image_hw)

@@ -351,7 +351,7 @@ def load_base_classifier(path: str | Path, threshold: float | None = None) -> Ba
     ``encode`` rebuild its inputs, and ``smoothed_votes(model, images, mode, ablation_size,
     threshold)`` its vote map.
     """
-    from patchbench.checkpoint import load_checkpoint  # lazy: keeps this module standalone
+    from patchbench.running.checkpoint import load_checkpoint  # lazy: keeps this module standalone
 
     checkpoint = load_checkpoint(path)
     defense = checkpoint.defense

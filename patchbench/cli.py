@@ -16,17 +16,8 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
-from patchbench import __version__, zoo
-from patchbench.attack import AttackBudget, AttackUnsupportedError
-from patchbench.attacking import plan_attack, run_attack
-from patchbench.cache import model_key, new_checkpoint_path
+from patchbench import __version__
 from patchbench.certify import CONDITIONS
-from patchbench.checkpoint import (
-    CheckpointError,
-    checkpoint_meta,
-)
-from patchbench.claims import ClaimsError
-from patchbench.data import DATASETS, SPLITS, DatasetFormatError, DatasetNotFoundError, load_dataset
 from patchbench.defense import (
     Defense,
     DefenseNotFoundError,
@@ -36,7 +27,6 @@ from patchbench.defense import (
     parameters,
     registered_defenses,
 )
-from patchbench.labels import value_text
 from patchbench.options import (
     CheckpointPath,
     DeviceType,
@@ -45,14 +35,31 @@ from patchbench.options import (
     parse_extra_params,
 )
 from patchbench.patches import parse_patches
-from patchbench.readme import find_block
-from patchbench.report import build_report, headline_block, update_readme
-from patchbench.results import ResultsError, load_results
-from patchbench.selection import defense_rows, select_setting
-from patchbench.study_file import StudyError
-from patchbench.sweep import BACKENDS, SweepError, model_text, run_sweep
-from patchbench.train import TRAIN_PRECISIONS, TrainConfig, estimate_text, train_and_save
-from patchbench.zoo import UnknownModelError, ZooModel, find_model
+from patchbench.reporting.claims import ClaimsError
+from patchbench.reporting.labels import value_text
+from patchbench.reporting.readme import find_block
+from patchbench.reporting.report import build_report, headline_block, update_readme
+from patchbench.running import zoo
+from patchbench.running.attack import AttackBudget, AttackUnsupportedError
+from patchbench.running.attacking import plan_attack, run_attack
+from patchbench.running.cache import model_key, new_checkpoint_path
+from patchbench.running.checkpoint import (
+    CheckpointError,
+    checkpoint_meta,
+)
+from patchbench.running.data import (
+    DATASETS,
+    SPLITS,
+    DatasetFormatError,
+    DatasetNotFoundError,
+    load_dataset,
+)
+from patchbench.running.results import ResultsError, load_results
+from patchbench.running.selection import defense_rows, select_setting
+from patchbench.running.study_file import StudyError
+from patchbench.running.sweep import BACKENDS, SweepError, model_text, run_sweep
+from patchbench.running.train import TRAIN_PRECISIONS, TrainConfig, estimate_text, train_and_save
+from patchbench.running.zoo import UnknownModelError, ZooModel, find_model
 
 # Errors a user can cause: shown as one line, never as a traceback.
 USER_ERRORS = (DatasetNotFoundError, DatasetFormatError, CheckpointError, UnknownDefenseError,
@@ -291,7 +298,7 @@ def parse_conditions(ctx, param, value: str | None) -> list[str] | None:
 
 def precision_option(fn):
     """``--precision fp32|bf16|fp16``: the floating-point precision votes are computed in."""
-    from patchbench.evaluate import PRECISIONS
+    from patchbench.running.evaluate import PRECISIONS
 
     return click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32",
                         show_default=True,
@@ -444,8 +451,8 @@ def _value(value) -> str:
 def report_command(results_dir: Path, out_dir: Path, dataset: str | None, defense: str | None,
                    gallery_images: int, readme: Path | None, study_file: Path | None) -> None:
     """Tables, figures and findings of a results folder: report.md, CSV and LaTeX."""
-    from patchbench.study import study_report
-    from patchbench.study_file import ReportSpec, load_study
+    from patchbench.running.study import study_report
+    from patchbench.running.study_file import ReportSpec, load_study
 
     if readme is not None:
         headline_block(readme)  # a README without the block fails before any work
@@ -488,8 +495,8 @@ def study_command(ctx: click.Context, study_file: Path, dry_run: bool, results_d
     Finished cells and attacks are skipped, so an interrupted study continues where it
     stopped. Exit code 3 if a cell failed, 4 if an attack broke a certified image.
     """
-    from patchbench import study as studies
-    from patchbench.study_file import load_study
+    from patchbench.running import study as studies
+    from patchbench.running.study_file import load_study
 
     spec = load_study(study_file)
     options = studies.Options(results_dir, device, batch_size, backend, n_jobs, ray_address,
@@ -548,7 +555,7 @@ ATTACK_OPTIONS = {  # option name -> (AttackBudget field, type, help)
 
 
 def attack_options(fn):
-    """The attack budget; defaults are those of ``patchbench.attack.AttackBudget``."""
+    """The attack budget; defaults are those of ``patchbench.running.attack.AttackBudget``."""
     defaults = AttackBudget()
     for name, (field, kind, help_text) in reversed(ATTACK_OPTIONS.items()):
         fn = click.option(f"--{name}", type=kind, default=getattr(defaults, field),
@@ -672,7 +679,7 @@ def bench_command(ctx: click.Context, defense_names: str, shape: str, classes: i
                   compile_model: bool, reference: bool | None, results_dir: Path) -> None:
     """Time certification against the bare forward passes it needs (random weights,
     synthetic images); defense parameters follow as --name value or --name v1,v2."""
-    from patchbench import bench
+    from patchbench.running import bench
 
     names = [n.strip() for n in defense_names.split(",")]
     if "" in names:

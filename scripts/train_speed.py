@@ -14,7 +14,7 @@ import time
 import torch
 
 from patchbench.defense import get_defense
-from patchbench.train import augment
+from patchbench.running.train import augment
 
 MODELS = (("bagcert", {"rf": 7}), ("ds-column", {"ablation_size": 4, "width": 48}))
 BATCH, STEPS, ROUNDS = 128, 3, 7

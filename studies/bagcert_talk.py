@@ -1,6 +1,6 @@
 """The claims of the talk that started patchbench (BagCert, Metzen & Yatsura, ICLR 2021;
 ``shared/seed-slides-bagcert-iclr2021``), checked by the Fashion-MNIST study's report
-(``[report] claims`` of ``fashion-mnist.toml``; the machinery is ``patchbench.claims``).
+(``[report] claims`` of ``fashion-mnist.toml``; the machinery is ``patchbench.reporting.claims``).
 
 The talk measured on CIFAR-10 on a V100, so its numbers are shown beside this dataset's and
 never judged; a verdict is given only on what a claim states (more, grows, slower, close to
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from patchbench.claims import (
+from patchbench.reporting.claims import (
     NOT_COMPARED,
     Check,
     Claim,
@@ -25,8 +25,8 @@ from patchbench.claims import (
     value,
     verdict,
 )
-from patchbench.paired import p_text
-from patchbench.stats import wilson
+from patchbench.reporting.paired import p_text
+from patchbench.reporting.stats import wilson
 
 TITLE = "The talk's CIFAR-10 claims beside this dataset's numbers"
 SOURCE = "talk (CIFAR-10)"

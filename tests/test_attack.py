@@ -12,14 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from patchbench.attack import AttackBudget, SoundnessError, attack_split, summarize_attack
 from patchbench.certify import CONDITIONS
-from patchbench.checkpoint import save_checkpoint
 from patchbench.cli import cli
-from patchbench.data import SYNTHETIC_CLASSES, ImageData, TensorImages, make_stripes
 from patchbench.defense import Defense, get_defense
 from patchbench.patches import PatchShape
-from patchbench.train import TrainConfig, train
+from patchbench.running.attack import AttackBudget, SoundnessError, attack_split, summarize_attack
+from patchbench.running.checkpoint import save_checkpoint
+from patchbench.running.data import SYNTHETIC_CLASSES, ImageData, TensorImages, make_stripes
+from patchbench.running.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models train faster on one thread
 

@@ -13,7 +13,12 @@ import torch
 from click.testing import CliRunner
 from torch import Tensor, nn
 
-from patchbench.attack import (
+from patchbench.certify import Certificate
+from patchbench.cli import cli
+from patchbench.defense import Defense
+from patchbench.defenses.patchcleanser import CONDITION, PatchCleanser, double_masking
+from patchbench.patches import PatchShape
+from patchbench.running.attack import (
     AttackBudget,
     AttackUnsupportedError,
     SoundnessError,
@@ -21,14 +26,9 @@ from patchbench.attack import (
     central_order,
     summarize_attack,
 )
-from patchbench.certify import Certificate
-from patchbench.checkpoint import save_checkpoint
-from patchbench.cli import cli
-from patchbench.data import SYNTHETIC_CLASSES, ImageData, TensorImages, load_dataset
-from patchbench.defense import Defense
-from patchbench.defenses.patchcleanser import CONDITION, PatchCleanser, double_masking
-from patchbench.patches import PatchShape
-from patchbench.train import TrainConfig, train
+from patchbench.running.checkpoint import save_checkpoint
+from patchbench.running.data import SYNTHETIC_CLASSES, ImageData, TensorImages, load_dataset
+from patchbench.running.train import TrainConfig, train
 
 SIDE = 12
 CORNER_PATCH = PatchShape(3, 3)

@@ -424,13 +424,13 @@ cases({"train": (*TRAIN, "--dataset", "synthetic", "--defense")},
 INTERRUPTED = "Interrupted: finished results are kept."
 BAD_INPUT.update({
     "run: Ctrl-C": Bad((*COMMANDS["run"], "--checkpoint", "{good}"), 130, INTERRUPTED,
-                       "patchbench.sweep.certify_split"),
+                       "patchbench.running.sweep.certify_split"),
     "train: Ctrl-C": pytest.param(  # a training run to interrupt: in the full suite only
-        Bad(COMMANDS["train"], 130, INTERRUPTED, "patchbench.train.train"),
+        Bad(COMMANDS["train"], 130, INTERRUPTED, "patchbench.running.train.train"),
         marks=pytest.mark.slow),
     "attack: Ctrl-C": Bad(COMMANDS["attack"], 130, INTERRUPTED,
-                          "patchbench.attacking.attack_split"),
-    "bench: Ctrl-C": Bad(COMMANDS["bench"], 130, INTERRUPTED, "patchbench.bench.run_bench"),
+                          "patchbench.running.attacking.attack_split"),
+    "bench: Ctrl-C": Bad(COMMANDS["bench"], 130, INTERRUPTED, "patchbench.running.bench.run_bench"),
     "report: Ctrl-C": Bad(COMMANDS["report"], 130, INTERRUPTED, "patchbench.cli.build_report"),
     "select: Ctrl-C": Bad(COMMANDS["select"], 130, INTERRUPTED, "patchbench.cli.select_setting"),
 })
@@ -615,7 +615,7 @@ def test_run_takes_the_defense_dataset_and_parameters_of_its_checkpoint(
 # --- Defense.check through the Python API ---------------------------------------------------
 
 def test_the_sweep_refuses_an_impossible_configuration_before_any_work(tmp_path: Path) -> None:
-    from patchbench.sweep import SweepError, run_sweep
+    from patchbench.running.sweep import SweepError, run_sweep
 
     with pytest.raises(SweepError, match="ablation_size 28 covers the whole width of the "
                                          "28x28 images") as refused:

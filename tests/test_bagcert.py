@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchbench.checkpoint import load_checkpoint, save_checkpoint
-from patchbench.data import load_dataset
 from patchbench.defenses.bagcert import BagCert, Heaviside, receptive_field
 from patchbench.patches import PatchShape
-from patchbench.train import TrainConfig, train
+from patchbench.running.checkpoint import load_checkpoint, save_checkpoint
+from patchbench.running.data import load_dataset
+from patchbench.running.train import TrainConfig, train
 
 CONFIGS = [dict(rf=rf, padding=p) for rf in (5, 7, 9, 11, 13) for p in (0, 1)] + [
     dict(rf=7, padding=2),
@@ -147,7 +147,7 @@ def test_unknown_training_precision_is_refused():
 def test_readme_main_job_finds_the_shipped_checkpoint():
     """Changing BagCert's defaults or recipe without retraining would make the README's first
     command train for an hour instead of certifying the shipped model."""
-    from patchbench.cache import SHIPPED, find_checkpoint, model_key
+    from patchbench.running.cache import SHIPPED, find_checkpoint, model_key
 
     defense = BagCert()
     path = find_checkpoint(model_key(defense, "fashion-mnist",

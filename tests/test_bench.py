@@ -16,7 +16,12 @@ import torch
 from click.testing import CliRunner, Result
 from torch import nn
 
-from patchbench.bench import (
+from patchbench.certify import certify_votes
+from patchbench.cli import cli
+from patchbench.defense import get_defense
+from patchbench.defenses.patchcleanser import PatchCleanser, double_masking, majority
+from patchbench.patches import PatchShape
+from patchbench.running.bench import (
     BENCH_COLUMNS,
     BenchSettings,
     agreement,
@@ -24,11 +29,6 @@ from patchbench.bench import (
     reference_certify,
     run_bench,
 )
-from patchbench.certify import certify_votes
-from patchbench.cli import cli
-from patchbench.defense import get_defense
-from patchbench.defenses.patchcleanser import PatchCleanser, double_masking, majority
-from patchbench.patches import PatchShape
 
 TINY = ["--batch-size", "2", "--repeats", "1", "--warmup", "0", "--n-shapes", "1,2",
         "--width", "4", "--device", "cpu"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from patchbench.cache import model_key
 from patchbench.defense import get_defense
-from patchbench.train import TrainConfig
+from patchbench.running.cache import model_key
+from patchbench.running.train import TrainConfig
 
 
 def key(name: str, recipe: TrainConfig | None = None, **params) -> str:

@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchbench.choice import (
+from patchbench.reporting.choice import (
     CHOICE_PATCH,
     CLEAN_TOLERANCE,
     canonical_params,
     config_identity,
     val_choices,
 )
-from patchbench.report import build_report
-from patchbench.stats import mcnemar
+from patchbench.reporting.report import build_report
+from patchbench.reporting.stats import mcnemar
 
 pytestmark = pytest.mark.slow  # builds reports
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from patchbench.claims import (
+from patchbench.reporting.claims import (
     FAILS,
     HOLDS,
     NOT_COMPARED,
@@ -26,9 +26,9 @@ from patchbench.claims import (
     claims_table,
     load_claims,
 )
-from patchbench.paired import PairedTests
-from patchbench.stats import wilson
-from patchbench.tables import TIME, SweepSpec, sweep_configs
+from patchbench.reporting.paired import PairedTests
+from patchbench.reporting.stats import wilson
+from patchbench.reporting.tables import TIME, SweepSpec, sweep_configs
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 TALK = load_claims(STUDIES / "bagcert_talk.py")

@@ -159,7 +159,7 @@ def test_training_options_default_to_the_defense_recipe():
     from patchbench.cli import TRAIN_OPTIONS, make_train_config
     from patchbench.defenses.bagcert import BagCert
     from patchbench.defenses.smoothing import ColumnSmoothing
-    from patchbench.train import TrainConfig
+    from patchbench.running.train import TrainConfig
 
     unset = {name.replace("-", "_"): None for name in TRAIN_OPTIONS}
     assert make_train_config(BagCert(), unset) == TrainConfig(**BagCert.train_defaults)

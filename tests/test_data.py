@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchbench.data import (
+from patchbench.running.data import (
     CIFAR_CLASSES,
     DEBIAN_FASHION_MNIST,
     FASHION_CLASSES,

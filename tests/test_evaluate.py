@@ -12,18 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchbench.certify import Certificate
-from patchbench.data import batches, load_dataset
 from patchbench.defense import Defense, TrainStep, VoteMapDefense, get_defense
 from patchbench.defenses.bagcert import BagCert
 from patchbench.defenses.smoothing import ColumnSmoothing
-from patchbench.evaluate import (
+from patchbench.patches import PatchShape
+from patchbench.running.data import batches, load_dataset
+from patchbench.running.evaluate import (
     certify_split,
     check_certificate,
     for_inference,
     loader_options,
     summarize,
 )
-from patchbench.patches import PatchShape
 
 PATCHES = [PatchShape(2, 2), PatchShape(2, 12)]
 

@@ -15,8 +15,8 @@ from matplotlib.colors import to_rgba
 from matplotlib.container import ErrorbarContainer
 from PIL import Image
 
-from patchbench import figures
-from patchbench.stats import half_width, wilson
+from patchbench.reporting import figures
+from patchbench.reporting.stats import half_width, wilson
 
 CERTIFIED = figures.CERTIFIED
 

@@ -19,12 +19,12 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from patchbench import gallery
-from patchbench.checkpoint import load_checkpoint
 from patchbench.cli import cli
-from patchbench.evaluate import for_inference
-from patchbench.gallery import Example, gallery_examples
-from patchbench.report import build_report
+from patchbench.reporting import gallery
+from patchbench.reporting.gallery import Example, gallery_examples
+from patchbench.reporting.report import build_report
+from patchbench.running.checkpoint import load_checkpoint
+from patchbench.running.evaluate import for_inference
 
 TRAINED, CERTIFIED = 0.15, 0.3  # smoothing thresholds: of the checkpoint, of the cells
 N_IMAGES = 8

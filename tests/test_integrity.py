@@ -10,13 +10,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from patchbench.integrity import (
+from patchbench.reporting.integrity import (
     CERTIFICATION_COLUMNS,
     chance_levels,
     check_integrity,
     majority_share,
 )
-from patchbench.results import ResultsError, load_results, metric_of
+from patchbench.running.results import ResultsError, load_results, metric_of
 
 pytestmark = pytest.mark.slow  # every test copies and alters committed cells
 

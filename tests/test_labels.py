@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from patchbench.defense import get_defense
-from patchbench.labels import config_label
-from patchbench.report import build_report
-from patchbench.train import TrainConfig
+from patchbench.reporting.labels import config_label
+from patchbench.reporting.report import build_report
+from patchbench.running.train import TrainConfig
 from tests.test_choice import identity, write_cell, write_val
 
 

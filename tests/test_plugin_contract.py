@@ -25,7 +25,7 @@ from patchbench.defense import (
     register_defense,
 )
 from patchbench.footprints import Footprints
-from patchbench.sweep import run_sweep
+from patchbench.running.sweep import run_sweep
 
 
 def example_plugin() -> ModuleType:

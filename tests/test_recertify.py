@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from patchbench.checkpoint import load_checkpoint
-from patchbench.data import load_dataset
 from patchbench.defense import get_defense
-from patchbench.evaluate import certify_split
 from patchbench.patches import parse_patches
+from patchbench.running.checkpoint import load_checkpoint
+from patchbench.running.data import load_dataset
+from patchbench.running.evaluate import certify_split
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 64

@@ -30,15 +30,15 @@ import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from patchbench.checkpoint import save_checkpoint
 from patchbench.cli import cli
-from patchbench.data import SYNTHETIC_CLASSES, ImageData, TensorImages, make_stripes
 from patchbench.defense import get_defense
-from patchbench.gallery import axis_intervals, worst_footprint
 from patchbench.patches import PatchShape
-from patchbench.report import slug
-from patchbench.stats import mcnemar, wilson
-from patchbench.train import TrainConfig, train
+from patchbench.reporting.gallery import axis_intervals, worst_footprint
+from patchbench.reporting.report import slug
+from patchbench.reporting.stats import mcnemar, wilson
+from patchbench.running.checkpoint import save_checkpoint
+from patchbench.running.data import SYNTHETIC_CLASSES, ImageData, TensorImages, make_stripes
+from patchbench.running.train import TrainConfig, train
 
 PATCHES = "3x3,5x5,2x12,12x2"
 IMAGES = 64  # the test images every cell of ``built`` certifies
@@ -847,8 +847,8 @@ def test_a_readme_without_the_headline_block_is_a_one_line_error(built: Built,
 def test_recipe_fields_missing_from_older_rows_take_their_defaults(built: Built) -> None:
     """Rows written before a recipe field existed (no ``precision`` in ``train_config``) are
     named as trained with its default, next to rows that set it."""
-    from patchbench.report import split_and_name
-    from patchbench.results import metric_of
+    from patchbench.reporting.report import split_and_name
+    from patchbench.running.results import metric_of
 
     rows = built.rows[(built.rows["defense"] == "bagcert") & (built.rows["param_rf"] == 5)]
     recipe = json.loads(rows["train_config"].iloc[0])

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 
 from patchbench import load_results
-from patchbench.atomic import atomic_path, remove_stale_temp_files
+from patchbench.running.atomic import atomic_path, remove_stale_temp_files
 
 TINY = ["--dataset", "synthetic", "--epochs", "1", "--max-train-images", "256", "--n-images",
         "64", "--width", "8", "--device", "cpu", "--patch", "3x3"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from patchbench.selection import best_candidate, eligible, select_setting
+from patchbench.running.selection import best_candidate, eligible, select_setting
 
 
 def rows(clean: list[float], certified: list[float], split: str = "val") -> pd.DataFrame:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from patchbench.checkpoint import save_checkpoint
 from patchbench.defense import get_defense
 from patchbench.defenses.smoothing import (
     BlockSmoothing,
@@ -24,6 +23,7 @@ from patchbench.defenses.smoothing import (
     vote_map_hw,
 )
 from patchbench.patches import PatchShape
+from patchbench.running.checkpoint import save_checkpoint
 
 DEFENSES = {"column": ColumnSmoothing, "row": RowSmoothing, "block": BlockSmoothing}
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patchbench.stats import Z95, binomial_two_sided, mcnemar, wilson
+from patchbench.reporting.stats import Z95, binomial_two_sided, mcnemar, wilson
 
 
 def score_accepts(p: float, successes: int, n: int) -> bool:

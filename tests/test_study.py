@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from patchbench.cli import cli
-from patchbench.study import run_study
-from patchbench.study_file import Chosen, StudyError, load_study
+from patchbench.running.study import run_study
+from patchbench.running.study_file import Chosen, StudyError, load_study
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "studies"
@@ -217,3 +217,23 @@ def test_readme_study_example_is_a_valid_study(tmp_path: Path):
     study = load_study(write(tmp_path, example))
     assert [s.kind for s in study.steps] == ["certify", "certify", "select", "attack"]
     assert study.step("bagcert-attack").spec.budget.steps == 10
+
+
+def test_bench_steps_read_their_settings_and_per_defense_parameters():
+    study = load_study(STUDIES / "fashion-mnist.toml")
+    families = study.step("bench-families").spec
+    assert families.defenses == ("bagcert", "ds-column", "ds-block")
+    assert families.params["ds-column"] == {"ablation_size": 4, "width": 32, "threshold": 0.2}
+    assert families.settings.batch_sizes == (64,) and families.settings.reference is False
+    shared = study.step("bench-rf-time").spec
+    assert shared.params == {"": {"rf": [5, 13]}}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[[bench]]\nname = 'b'\ndefense = 'bagcert'\nrepeats = 0\n", "need repeats >= 1"),
+    ("[[bench]]\nname = 'b'\ndefense = 'bagcert'\nshape = 'mnist'\n", "unknown shape 'mnist'"),
+    ("[[bench]]\nname = 'b'\nrepeats = 1\n", "defense is a name or a list of names"),
+])
+def test_a_bad_bench_step_is_refused_when_read(tmp_path: Path, text: str, message: str):
+    with pytest.raises(StudyError, match=message):
+        load_study(write(tmp_path, text))

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from patchbench import load_results, run_sweep
-from patchbench.results import load_failures
+from patchbench.running.results import load_failures
 from tests.test_cli import assert_clean_exit, invoke
 
 TINY = ["--dataset", "synthetic", "--epochs", "1", "--max-train-images", "256", "--n-images",

@@ -13,16 +13,16 @@ import pytest
 from click.testing import CliRunner
 
 from patchbench import load_model
-from patchbench.cache import SHIPPED, find_checkpoint, model_key
-from patchbench.checkpoint import read_header
-from patchbench.choice import val_choices
 from patchbench.cli import cli
 from patchbench.defense import get_defense
-from patchbench.readme import find_block
-from patchbench.report import validation_rows
-from patchbench.results import load_results
-from patchbench.train import TrainConfig
-from patchbench.zoo import (
+from patchbench.reporting.choice import val_choices
+from patchbench.reporting.readme import find_block
+from patchbench.reporting.report import validation_rows
+from patchbench.running.cache import SHIPPED, find_checkpoint, model_key
+from patchbench.running.checkpoint import read_header
+from patchbench.running.results import load_results
+from patchbench.running.train import TrainConfig
+from patchbench.running.zoo import (
     SHIPPED_RESULTS,
     ZOO_BLOCK,
     model_numbers,
@@ -197,7 +197,7 @@ def test_a_missing_model_is_announced_with_its_time_or_refused_with_no_train(
 ])
 def test_a_broken_zoo_is_a_one_line_error(manifest: str, message: str, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import patchbench.zoo as zoo
+    import patchbench.running.zoo as zoo
 
     path = tmp_path / "zoo.toml"
     path.write_text(manifest)

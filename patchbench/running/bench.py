@@ -60,11 +60,11 @@ from patchbench.certify import CONDITIONS, certify_votes
 from patchbench.defense import Defense, VoteMapDefense, get_defense
 from patchbench.defenses.bagcert import BagCert, receptive_field
 from patchbench.defenses.smoothing import ABLATED_AXES, Smoothing, ablated_blocks, vote_map_hw
-from patchbench.evaluate import at_precision, for_inference, precision_dtype, synchronize
-from patchbench.hashing import config_hash
 from patchbench.patches import PatchShape
-from patchbench.results import atomic_write_csv, system_info
-from patchbench.sweep import parameter_grids
+from patchbench.running.evaluate import at_precision, for_inference, precision_dtype, synchronize
+from patchbench.running.hashing import config_hash
+from patchbench.running.results import atomic_write_csv, system_info
+from patchbench.running.sweep import parameter_grids
 
 BENCHMARK = "bench"
 # --shape: (channels, height, width) and the default number of classes
@@ -608,6 +608,34 @@ def bench_rows(measurements: Sequence[Measurement], settings: BenchSettings,
     frame = pd.DataFrame.from_records(records)
     params = sorted(c for c in frame.columns if c not in BENCH_COLUMNS)
     return frame.reindex(columns=[*BENCH_COLUMNS, *params])
+
+
+def recorded_run(results_dir: Path, defenses: Sequence[Defense], settings: BenchSettings,
+                 device: torch.device) -> str | None:
+    """The id of a benchmark run in ``results_dir`` that timed exactly these configurations
+    with these settings on this kind of device (a study's bench step is done then), or None.
+    Timings are of one machine: a run elsewhere of the same kind (cpu, cuda) counts."""
+    wanted_defenses = sorted(json.dumps([d.name, d.params()], sort_keys=True)
+                             for d in defenses)
+    for path in sorted((Path(results_dir) / "rows").glob("bench-*.csv")):
+        run = pd.read_csv(path)
+        first = run.iloc[0]
+        found = sorted({json.dumps([name, json.loads(params)], sort_keys=True)
+                        for name, params in zip(run["defense"], run["params"], strict=True)})
+        same = (found == wanted_defenses and first["shape"] == settings.shape
+                and int(first["classes"]) == settings.num_classes
+                and set(run["batch_size"]) == set(settings.batch_sizes)
+                and set(run["n_patch_shapes"]) - {0} == set(settings.n_shapes)
+                and int(first["repeats"]) == settings.repeats
+                and int(first["warmup"]) == settings.warmup
+                and first["precision"] == settings.precision
+                and bool(first["channels_last"]) == settings.channels_last
+                and bool(first["compile"]) == settings.compile
+                and (run["metric"] == "reference_seconds").any() == settings.with_reference
+                and str(first["device"]).split(":")[0] == device.type)
+        if same:
+            return str(first["run_id"])
+    return None
 
 
 def write_bench_rows(results_dir: Path, rows: pd.DataFrame) -> Path:

@@ -14,20 +14,20 @@ import torch
 from torch import Tensor, nn
 from torch.fx.experimental import optimization as fx_optimization
 
-from patchbench import per_image
 from patchbench.certify import Certificate, certify_votes
-from patchbench.data import ImageData, batches
 from patchbench.defense import Defense, VoteMapDefense
 from patchbench.patches import PatchShape, check_fits
-from patchbench.per_image import certificate_columns
-from patchbench.progress import progress_bar
+from patchbench.running import per_image
+from patchbench.running.data import ImageData, batches
+from patchbench.running.per_image import certificate_columns
+from patchbench.running.progress import progress_bar
 
 
 @dataclass
 class Evaluation:
     """Per-image outcomes plus the timings of one certification pass."""
 
-    per_image: pd.DataFrame  # see patchbench.per_image
+    per_image: pd.DataFrame  # see patchbench.running.per_image
     forward_seconds: float  # a vote-map defense's vote computation (NaN for other families,
     #                         whose forward passes are interleaved with certification)
     certify_seconds: float  # forward passes plus the certification core

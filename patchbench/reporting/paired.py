@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from patchbench.per_image import certified as certified_flags
-from patchbench.per_image import correct as correct_flags
-from patchbench.per_image import has_condition
-from patchbench.stats import Paired, mcnemar
+from patchbench.reporting.stats import Paired, mcnemar
+from patchbench.running.per_image import certified as certified_flags
+from patchbench.running.per_image import correct as correct_flags
+from patchbench.running.per_image import has_condition
 
 PerImage = Callable[[str], "pd.DataFrame | None"]  # a cell's per-image table, if readable
 Measure = tuple[str, str, str]  # (config label, patch, condition)

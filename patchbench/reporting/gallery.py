@@ -28,18 +28,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from patchbench.cache import SHIPPED, cache_dir
-from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from patchbench.data import DatasetFormatError, DatasetNotFoundError, ImageData, load_dataset
 from patchbench.defense import Defense, VoteMapDefense, get_defense
-from patchbench.evaluate import for_inference, precision_dtype
 from patchbench.footprints import Footprints, Interval
 from patchbench.patches import PatchShape, parse_patch
-from patchbench.per_image import certified as certified_flags
-from patchbench.per_image import conditions as conditions_in
-from patchbench.per_image import correct as correct_flags
-from patchbench.per_image import prediction as prediction_of
-from patchbench.tables import ordered, parse_params
+from patchbench.reporting.tables import ordered, parse_params
+from patchbench.running.cache import SHIPPED, cache_dir
+from patchbench.running.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from patchbench.running.data import (
+    DatasetFormatError,
+    DatasetNotFoundError,
+    ImageData,
+    load_dataset,
+)
+from patchbench.running.evaluate import for_inference, precision_dtype
+from patchbench.running.per_image import certified as certified_flags
+from patchbench.running.per_image import conditions as conditions_in
+from patchbench.running.per_image import correct as correct_flags
+from patchbench.running.per_image import prediction as prediction_of
 
 
 class GalleryUnavailable(Exception):

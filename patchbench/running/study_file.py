@@ -3,7 +3,8 @@
 A study names its patch shapes and training recipes once and lists three kinds of step:
 ``[[certify]]`` (a sweep: a defense, a parameter grid, a recipe, a split, patch shapes),
 ``[[select]]`` (settings chosen on the ``val`` rows of earlier certify steps, by
-``selection.select_setting``) and ``[[attack]]`` (the empirical attack on one trained model).
+``selection.select_setting``), ``[[attack]]`` (the empirical attack on one trained model)
+and ``[[bench]]`` (``patchbench bench``: timings, random weights).
 A parameter or recipe value ``{ chosen = "STEP" }`` is the value the select step STEP chose
 for it (a recipe field ``f`` as the selected ``train_f``). ``[report]`` says where the
 report goes. Outputs are relative to the working folder (``[study] results``; each step's
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchbench.attack import AttackBudget
 from patchbench.patches import parse_patches
-from patchbench.tables import SweepSpec
+from patchbench.reporting.tables import SweepSpec
+from patchbench.running.attack import AttackBudget
+from patchbench.running.bench import BenchSettings
 
-KINDS = ("certify", "select", "attack")
+KINDS = ("certify", "select", "attack", "bench")
 
 
 class StudyError(ValueError):
@@ -88,10 +90,28 @@ class Select:
 
 
 @dataclass(frozen=True)
+class Bench:
+    """``patchbench bench``: certification timed against the bare forward passes (random
+    weights, synthetic images) for each configuration of the defenses' parameter grid."""
+
+    defenses: tuple[str, ...]
+    # defense -> its parameters (name -> value, list of values or Chosen); a flat table in
+    # the file goes to every defense that has the parameter, as for ``bench`` and ``run``
+    params: dict[str, dict[str, Any]]
+    settings: BenchSettings
+    results: str = "bench"  # inside the study's results folder
+
+    @property
+    def needs(self) -> set[str]:
+        return {v.step for own in self.params.values() for v in own.values()
+                if isinstance(v, Chosen)}
+
+
+@dataclass(frozen=True)
 class Step:
     name: str
     kind: str  # one of KINDS
-    spec: Certify | Select | Attack
+    spec: Certify | Select | Attack | Bench
     note: str = ""  # the step's ``note``: why it is in the study
 
 
@@ -100,7 +120,7 @@ class ReportSpec:
     out: str = "reports"
     readme: str | None = None
     gallery_images: int = 3
-    claims: Path | None = None  # a claims file (patchbench.claims), beside the study file
+    claims: Path | None = None  # a claims file (patchbench.reporting.claims), beside the study file
     sweep: SweepSpec | None = None  # the parameter sweep shown as one table
 
 
@@ -172,7 +192,8 @@ class Reader:
         where = f"[[{kind}]] {name!r}"
         note = self.text(entry, "note", where, "")
         entry = {k: v for k, v in entry.items() if k not in ("name", "note")}
-        spec = {"certify": self.certify, "select": self.select, "attack": self.attack}[kind]
+        spec = {"certify": self.certify, "select": self.select, "attack": self.attack,
+                "bench": self.bench}[kind]
         return Step(name, kind, spec(entry, where), note)
 
     def model_fields(self, entry: dict, where: str, extra: set[str]) -> dict[str, Any]:
@@ -234,6 +255,27 @@ class Reader:
         self.patch_list([patch], f"{where} patch")
         return Select(tuple(among), tuple(params), patch, entry.get("condition"),
                       float(tolerance), dict(self.table(entry, "where", where)))
+
+    def bench(self, entry: dict, where: str) -> Bench:
+        fields = {"shape", "classes", "batch_sizes", "n_shapes", "repeats", "warmup",
+                  "precision", "channels_last", "compile", "reference"}
+        self.keys(entry, where, {"defense", "params", "results", *fields})
+        defenses = entry.get("defense")
+        defenses = [defenses] if isinstance(defenses, str) else defenses
+        if not defenses or not all(isinstance(d, str) for d in defenses):
+            raise self.fail(where, "defense is a name or a list of names")
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()
+                    if k in fields}
+        table = entry.get("params", {})
+        per_defense = isinstance(table, dict) and bool(table) and set(table) <= set(defenses) \
+            and all(isinstance(v, dict) for v in table.values())
+        params = ({d: self.values(table.get(d, {}), f"{where} params {d}") for d in defenses}
+                  if per_defense else {"": self.values(table, f"{where} params")})
+        try:
+            return Bench(tuple(defenses), params, BenchSettings(**settings),
+                         self.text(entry, "results", where, "bench"))
+        except (TypeError, ValueError) as err:
+            raise self.fail(where, str(err)) from None
 
     def report(self, entry: Any) -> ReportSpec:
         if not isinstance(entry, dict):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from patchbench.paired import PairedTests, p_text
-from patchbench.tables import (
+from patchbench.reporting.paired import PairedTests, p_text
+from patchbench.reporting.tables import (
     GAP,
     PER_IMAGES,
     TIME,

@@ -28,15 +28,7 @@ import pandas as pd
 import torch
 from joblib import Parallel, delayed, parallel_config
 
-from patchbench.cache import find_checkpoint, model_key, new_checkpoint_path
 from patchbench.certify import CONDITIONS
-from patchbench.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-    parameter_clash,
-)
-from patchbench.data import ImageData, SplitCache, load_dataset
 from patchbench.defense import (
     Defense,
     ParameterError,
@@ -44,11 +36,19 @@ from patchbench.defense import (
     get_defense,
     registered_defenses,
 )
-from patchbench.evaluate import PRECISIONS, certify_split, summarize
 from patchbench.options import DeviceType
 from patchbench.patches import PatchShape, check_fits, parse_patches
-from patchbench.progress import progress_bar
-from patchbench.results import (
+from patchbench.running.cache import find_checkpoint, model_key, new_checkpoint_path
+from patchbench.running.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    parameter_clash,
+)
+from patchbench.running.data import ImageData, SplitCache, load_dataset
+from patchbench.running.evaluate import PRECISIONS, certify_split, summarize
+from patchbench.running.progress import progress_bar
+from patchbench.running.results import (
     ResultsError,
     cell_id,
     is_finished,
@@ -58,8 +58,8 @@ from patchbench.results import (
     write_cell,
     write_failure,
 )
-from patchbench.train import TrainConfig, estimate_text, train_and_save
-from patchbench.zoo import name_of
+from patchbench.running.train import TrainConfig, estimate_text, train_and_save
+from patchbench.running.zoo import name_of
 
 BACKENDS = ("local", "ray")
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))

@@ -24,8 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from patchbench.paired import PairedTests
-from patchbench.tables import Table
+from patchbench.reporting.paired import PairedTests
+from patchbench.reporting.tables import Table
 
 HOLDS, FAILS = "holds", "does not hold"
 NOT_COMPARED = "not compared: another dataset"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from patchbench.selection import best_candidate
-from patchbench.tables import ordered
+from patchbench.reporting.tables import ordered
+from patchbench.running.selection import best_candidate
 
 CHOICE_PATCH = "5x5"  # the shape the rule ranks on (the talk's headline shape)
 CLEAN_TOLERANCE = 0.01

@@ -11,14 +11,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from patchbench.defense import Defense
-from patchbench.hashing import config_hash
-from patchbench.train import TrainConfig
+from patchbench.running.hashing import config_hash
+from patchbench.running.train import TrainConfig
 
 DEFAULT_RECIPE = TrainConfig()
 # Recipe fields that existed when the first checkpoints were named: always in the key.
 LEGACY_RECIPE_FIELDS = ("epochs", "batch_size", "seed", "crop_padding", "hflip", "schedule",
                         "max_images")
-SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints"
+SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 def cache_dir() -> Path:

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 
 from patchbench.certify import CONDITIONS
-from patchbench.paired import PairedTests, PerImage
-from patchbench.per_image import certified as per_image_certified
-from patchbench.per_image import conditions as per_image_conditions
-from patchbench.per_image import correct as per_image_correct
-from patchbench.per_image import has_condition as per_image_has
-from patchbench.stats import ALPHA, INTERVAL, wilson
+from patchbench.reporting.paired import PairedTests, PerImage
+from patchbench.reporting.stats import ALPHA, INTERVAL, wilson
+from patchbench.running.per_image import certified as per_image_certified
+from patchbench.running.per_image import conditions as per_image_conditions
+from patchbench.running.per_image import correct as per_image_correct
+from patchbench.running.per_image import has_condition as per_image_has
 
 PER_IMAGES = 10_000  # certification time is reported for this many images, as in the talk
 TIME = f"s per {PER_IMAGES:,} images"  # that time's column in the configurations table

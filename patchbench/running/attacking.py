@@ -18,19 +18,24 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchbench.attack import (
+from patchbench.defense import get_defense
+from patchbench.patches import PatchShape, check_fits, parse_patches
+from patchbench.running.attack import (
     AttackBudget,
     AttackResult,
     AttackUnsupportedError,
     attack_split,
     summarize_attack,
 )
-from patchbench.cache import find_checkpoint, model_key
-from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint, parameter_clash
-from patchbench.data import ImageData, load_dataset
-from patchbench.defense import get_defense
-from patchbench.patches import PatchShape, check_fits, parse_patches
-from patchbench.results import (
+from patchbench.running.cache import find_checkpoint, model_key
+from patchbench.running.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    parameter_clash,
+)
+from patchbench.running.data import ImageData, load_dataset
+from patchbench.running.results import (
     atomic_write_csv,
     cell_id,
     is_finished,
@@ -40,8 +45,8 @@ from patchbench.results import (
     provenance_columns,
     rows_path,
 )
-from patchbench.sweep import SweepError
-from patchbench.train import TrainConfig
+from patchbench.running.sweep import SweepError
+from patchbench.running.train import TrainConfig
 
 
 @dataclass(frozen=True)

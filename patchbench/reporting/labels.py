@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any
 
 from patchbench.defense import Defense, UnknownDefenseError, get_defense
-from patchbench.train import TrainConfig
+from patchbench.running.train import TrainConfig
 
 RECIPE_SKIP = ("precision",)  # shown as train_precision, always
 

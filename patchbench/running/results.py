@@ -19,13 +19,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchbench.atomic import atomic_path
-from patchbench.checkpoint import Checkpoint
-from patchbench.data import ImageData
 from patchbench.defense import defense_code
-from patchbench.evaluate import Evaluation
-from patchbench.hashing import config_hash
-from patchbench.train import trained_recipe
+from patchbench.running.atomic import atomic_path
+from patchbench.running.checkpoint import Checkpoint
+from patchbench.running.data import ImageData
+from patchbench.running.evaluate import Evaluation
+from patchbench.running.hashing import config_hash
+from patchbench.running.train import trained_recipe
 
 
 class ResultsError(OSError):

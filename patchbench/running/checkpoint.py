@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchbench.atomic import atomic_path
 from patchbench.defense import Defense, UnknownDefenseError, defense_code, get_defense
+from patchbench.running.atomic import atomic_path
 
 FORMAT = 1
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format: a zip archive

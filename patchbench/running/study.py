@@ -3,10 +3,12 @@
 Certify steps are sweeps (``sweep.run_sweep``: cells named by their configuration, finished
 ones skipped, missing models trained, ``backend="ray"`` for a cluster); select steps choose
 settings on the ``val`` cells of their candidate steps (``selection.select_setting``) and pass
-them to the steps that wait for them; attack steps are ``attacking.run_attack`` cells; then the
-report. A dry run plans the same cells without training, certifying or attacking anything and
-says of each whether it is done, what it still needs (a model to train, a certification, an
-attack) and what that costs (measured: a few training steps, one certified batch).
+them to the steps that wait for them; attack steps are ``attacking.run_attack`` cells; bench
+steps are ``patchbench bench`` runs (done when a run of the same configurations and settings
+is recorded); then the report. A dry run plans the same cells without training, certifying,
+attacking or timing anything and says of each whether it is done, what it still needs (a
+model to train, a certification, an attack, a benchmark) and what that costs (measured: a few
+training steps, one certified batch).
 """
 
 from __future__ import annotations
@@ -20,19 +22,27 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchbench.attacking import plan_attack, run_attack
 from patchbench.certify import CONDITIONS
-from patchbench.checkpoint import CheckpointError, checkpoint_meta
-from patchbench.claims import load_claims
-from patchbench.data import SplitCache, load_dataset
 from patchbench.defense import get_defense
-from patchbench.evaluate import certify_split
 from patchbench.patches import parse_patches
-from patchbench.report import StudyReport, build_report, update_readme
-from patchbench.results import failure_path, is_finished, read_rows, rows_path
-from patchbench.selection import defense_rows, select_setting
-from patchbench.study_file import (
+from patchbench.reporting.claims import load_claims
+from patchbench.reporting.report import StudyReport, build_report, update_readme
+from patchbench.running.attacking import plan_attack, run_attack
+from patchbench.running.bench import (
+    defense_configurations,
+    recorded_run,
+    run_bench,
+    write_bench_rows,
+)
+from patchbench.running.bench import label as bench_label
+from patchbench.running.checkpoint import CheckpointError, checkpoint_meta
+from patchbench.running.data import SplitCache, load_dataset
+from patchbench.running.evaluate import certify_split
+from patchbench.running.results import failure_path, is_finished, read_rows, rows_path
+from patchbench.running.selection import defense_rows, select_setting
+from patchbench.running.study_file import (
     Attack,
+    Bench,
     Certify,
     Chosen,
     ReportSpec,
@@ -41,9 +51,9 @@ from patchbench.study_file import (
     Study,
     StudyError,
 )
-from patchbench.sweep import Cell, plan, run_sweep, untrained
-from patchbench.train import TrainConfig, estimate_seconds
-from patchbench.zoo import find_model
+from patchbench.running.sweep import Cell, plan, run_sweep, untrained
+from patchbench.running.train import TrainConfig, estimate_seconds
+from patchbench.running.zoo import find_model
 
 # Images of the batch certified to estimate a cell's certification time.
 ESTIMATE_IMAGES = 32
@@ -109,7 +119,7 @@ class Runner:
         self.device = resolve_device(options.device)
 
     def walk(self) -> StudyRun:
-        order = {kind: i for i, kind in enumerate(("certify", "select", "attack"))}
+        order = {kind: i for i, kind in enumerate(("certify", "select", "attack", "bench"))}
         pending = sorted(self.study.steps, key=lambda s: order[s.kind])
         handled: set[str] = set()  # steps whose cells (certify) or choice (select) are known
         while True:
@@ -266,6 +276,40 @@ class Runner:
                  note=f"{broken} soundness violation(s)" if broken else "")
         return True
 
+    # --- bench -------------------------------------------------------------------------------
+
+    def bench(self, step: Step) -> bool:
+        spec: Bench = step.spec
+        try:
+            defenses = [configured for names, own in self.bench_grids(spec)
+                        for configured in defense_configurations(names, own)]
+            for defense in defenses:
+                defense.check(spec.settings.in_shape)
+        except ValueError as err:
+            raise StudyError(f"[[bench]] {step.name!r}: {err}") from None
+        folder = self.root / spec.results
+        label = "; ".join(bench_label(d) for d in defenses) + f" ({spec.settings.shape})"
+        recorded = recorded_run(folder, defenses, spec.settings, self.device)
+        if recorded and not self.options.force:
+            self.add(step, recorded, label, "done")
+        elif self.dry_run:
+            self.add(step, "", label, "to time")
+        else:
+            self.log(f"study step {step.name!r}: bench {label} -> {folder}")
+            _, rows = run_bench(defenses, spec.settings, self.device, self.log)
+            write_bench_rows(folder, rows)
+            self.add(step, str(rows["run_id"].iloc[0]), label, "done")
+        return True
+
+    def bench_grids(self, spec: Bench) -> list[tuple[list[str], dict[str, list[Any]]]]:
+        """(defenses, parameter lists) to multiply out: all defenses sharing one flat table
+        (key ""), or each defense with its own."""
+        def lists(values: dict[str, Any]) -> dict[str, list[Any]]:
+            return {k: v if isinstance(v, list) else [v] for k, v in self.resolve(values).items()}
+        if "" in spec.params:
+            return [(list(spec.defenses), lists(spec.params[""]))]
+        return [([name], lists(spec.params[name])) for name in spec.defenses]
+
     # --- shared ------------------------------------------------------------------------------
 
     def model(self, spec: Certify | Attack) -> tuple[dict[str, Any], str | None]:
@@ -289,6 +333,8 @@ class Runner:
         spec = step.spec
         if isinstance(spec, Select):
             return f"choose {', '.join(spec.params)} among {', '.join(spec.among)}"
+        if isinstance(spec, Bench):
+            return ", ".join(spec.defenses)
         return spec.defense or spec.model or str(spec.checkpoint)
 
     @staticmethod

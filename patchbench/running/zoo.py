@@ -20,15 +20,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchbench.cache import SHIPPED, cache_dir, model_key
-from patchbench.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_header
 from patchbench.defense import get_defense
-from patchbench.labels import param_parts
-from patchbench.readme import markdown_table, write_block
-from patchbench.results import ResultsError, load_results, metric_of
-from patchbench.stats import INTERVAL, wilson
-from patchbench.tables import ordered, percent_interval
-from patchbench.train import TrainConfig, trained_recipe
+from patchbench.reporting.labels import param_parts
+from patchbench.reporting.readme import markdown_table, write_block
+from patchbench.reporting.stats import INTERVAL, wilson
+from patchbench.reporting.tables import ordered, percent_interval
+from patchbench.running.cache import SHIPPED, cache_dir, model_key
+from patchbench.running.checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_header
+from patchbench.running.results import ResultsError, load_results, metric_of
+from patchbench.running.train import TrainConfig, trained_recipe
 
 MANIFEST = SHIPPED / "zoo.toml"
 SHIPPED_RESULTS = SHIPPED.parent / "results"  # the committed rows the zoo's numbers come from

@@ -28,35 +28,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from patchbench.atomic import atomic_path
-from patchbench.cache import LEGACY_RECIPE_FIELDS
-from patchbench.choice import RULE, Choice, config_identity, val_choices
-from patchbench.claims import ClaimSet, claims_sentence, claims_table
-from patchbench.data import ImageData
-from patchbench.findings import attack_sentences, findings
-from patchbench.gallery import (
+from patchbench.reporting.choice import RULE, Choice, config_identity, val_choices
+from patchbench.reporting.claims import ClaimSet, claims_sentence, claims_table
+from patchbench.reporting.findings import attack_sentences, findings
+from patchbench.reporting.gallery import (
     Example,
     Explanation,
     GalleryUnavailable,
     GalleryUnsupported,
     gallery_examples,
 )
-from patchbench.integrity import chance_levels, check_integrity
-from patchbench.labels import config_label
-from patchbench.paired import PairedTests
-from patchbench.readme import find_block, markdown_table, write_block
-from patchbench.results import (
-    CERTIFIED,
-    EMPIRICAL,
-    ResultsError,
-    load_failures,
-    load_results,
-    metric_of,
-    per_image_path,
-    read_rows,
-)
-from patchbench.stats import INTERVAL, wilson
-from patchbench.tables import (
+from patchbench.reporting.integrity import chance_levels, check_integrity
+from patchbench.reporting.labels import config_label
+from patchbench.reporting.paired import PairedTests
+from patchbench.reporting.readme import find_block, markdown_table, write_block
+from patchbench.reporting.stats import INTERVAL, wilson
+from patchbench.reporting.tables import (
     OWN_PREFIX,
     TIME,
     SweepSpec,
@@ -74,8 +61,21 @@ from patchbench.tables import (
     sweep_table,
     text_column,
 )
-from patchbench.train import TrainConfig
-from patchbench.zoo import shipped_names
+from patchbench.running.atomic import atomic_path
+from patchbench.running.cache import LEGACY_RECIPE_FIELDS
+from patchbench.running.data import ImageData
+from patchbench.running.results import (
+    CERTIFIED,
+    EMPIRICAL,
+    ResultsError,
+    load_failures,
+    load_results,
+    metric_of,
+    per_image_path,
+    read_rows,
+)
+from patchbench.running.train import TrainConfig
+from patchbench.running.zoo import shipped_names
 
 IDENTITY = ("defense", "dataset", "patch")
 RECIPE_DEFAULTS = {k: v for k, v in asdict(TrainConfig()).items() if k not in LEGACY_RECIPE_FIELDS}
@@ -314,7 +314,7 @@ def newest(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def write_report(out: Path, results_dir: Path, filters: str, selected: Selected,
                  failed: pd.DataFrame, gallery_images: int, study: StudyReport) -> Path:
-    from patchbench import figures  # plotting libraries load only when a report is drawn
+    from patchbench.reporting import figures  # plotting libraries load only when a report is drawn
 
     certified, empirical, params = selected.certified, selected.empirical, selected.params
     configs = all_configurations(certified, empirical)

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from patchbench.checkpoint import save_checkpoint
-from patchbench.data import ImageData, batches
 from patchbench.defense import Defense, TrainStep
-from patchbench.progress import progress_bar
+from patchbench.running.checkpoint import save_checkpoint
+from patchbench.running.data import ImageData, batches
+from patchbench.running.progress import progress_bar
 
 
 @dataclass

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from patchbench import per_image
-from patchbench.results import CERTIFIED, EMPIRICAL, ResultsError, metric_of, per_image_path
+from patchbench.running import per_image
+from patchbench.running.results import CERTIFIED, EMPIRICAL, ResultsError, metric_of, per_image_path
 
 # The columns every certification row has (all committed rows, the oldest included, hold
 # them: n_correct and n_certified are written since the first version).

@@ -56,13 +56,13 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from patchbench import per_image
 from patchbench.certify import CONDITIONS, Certificate, certify_votes
-from patchbench.data import ImageData, batches
 from patchbench.defense import Defense, VoteMapDefense
-from patchbench.evaluate import for_inference, loader_options
 from patchbench.patches import PatchShape, box_masks, check_fits
-from patchbench.progress import progress_bar
+from patchbench.running import per_image
+from patchbench.running.data import ImageData, batches
+from patchbench.running.evaluate import for_inference, loader_options
+from patchbench.running.progress import progress_bar
 
 # (image, position) pairs per PGD batch of a defense without a vote map (each surrogate pass
 # may run the base classifier many times per pair: k^2 masked images for PatchCleanser).

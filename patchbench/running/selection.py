@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchbench.results import ResultsError
+from patchbench.running.results import ResultsError
 
 # what selecting needs of each row (besides the swept parameter's column)
 COLUMNS = ("defense", "split", "patch", "condition", "clean_accuracy", "certified_accuracy")

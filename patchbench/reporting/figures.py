@@ -16,10 +16,10 @@ from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from patchbench.atomic import atomic_path
-from patchbench.gallery import Example, Explanation
-from patchbench.stats import INTERVAL, half_width, wilson
-from patchbench.tables import condition_columns, ordered
+from patchbench.reporting.gallery import Example, Explanation
+from patchbench.reporting.stats import INTERVAL, half_width, wilson
+from patchbench.reporting.tables import condition_columns, ordered
+from patchbench.running.atomic import atomic_path
 
 CERTIFIED = "certified (%)"  # the long frame's value column
 ERROR_BARS = f"error bars: {INTERVAL}"  # the caption of a figure with error bars

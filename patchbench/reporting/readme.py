@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from patchbench.atomic import atomic_path
-from patchbench.results import ResultsError
+from patchbench.running.atomic import atomic_path
+from patchbench.running.results import ResultsError
 
 
 def markers(name: str) -> tuple[str, str]:

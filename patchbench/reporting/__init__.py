@@ -1,0 +1,1 @@
+"""Reporting: tables, figures, findings, the choice on val, published claims and README blocks."""

@@ -1,0 +1,1 @@
+"""Running benchmarks: data, training, checkpoints, sweeps of cells, attacks, timing and studies."""
