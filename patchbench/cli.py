@@ -17,7 +17,6 @@ from rich.console import Console
 from rich.table import Table
 
 from patchbench import __version__
-from patchbench.certify import CONDITIONS
 from patchbench.defense import (
     Defense,
     DefenseNotFoundError,
@@ -55,7 +54,7 @@ from patchbench.running.data import (
     load_dataset,
 )
 from patchbench.running.results import ResultsError, load_results
-from patchbench.running.selection import defense_rows, select_setting
+from patchbench.running.selection import defense_rows, select_setting, selection_condition
 from patchbench.running.study_file import StudyError
 from patchbench.running.sweep import BACKENDS, SweepError, model_text, run_sweep
 from patchbench.running.train import TRAIN_PRECISIONS, TrainConfig, estimate_text, train_and_save
@@ -753,14 +752,10 @@ def select_command(results_dir: Path, defense_name: str, param: list[str],
                    clean_tolerance: float) -> None:
     """Choose settings on validation rows: most certified among the near-best clean ones."""
     rows = load_results(results_dir)
-    present = list(dict.fromkeys(rows.loc[rows["defense"] == defense_name, "condition"]
-                                 .dropna())) if "condition" in rows else []
-    if condition is None:
-        condition = next((c for c in (*CONDITIONS, *present) if c in present), "tight")
-    elif present and condition not in present:
-        raise click.BadParameter(f"unknown condition {condition!r}; the rows of "
-                                 f"{defense_name} have {', '.join(present)}",
-                                 param_hint="'--condition'")
+    try:
+        condition = selection_condition(rows, defense_name, condition)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--condition'") from None
     try:
         chosen = select_setting(defense_rows(rows, defense_name, results_dir), param, patch,
                                 condition, clean_tolerance, where)

@@ -179,14 +179,12 @@ def _attack_votes(defense: VoteMapDefense, model: nn.Module, data: ImageData,
             with torch.no_grad():
                 votes = defense.votes(model, images)
             cert = certify_votes(votes, footprints, CONDITIONS)
-            frame = _clean_columns(offset, labels, cert)
+            frame = per_image.batch_columns(offset, labels, cert, patches)
             for s, patch in enumerate(patches):
                 targets = (cert.prediction == labels) | cert.certified["tight"][:, s]
                 out = _attack_shape(defense, model, images, votes, cert.counts,
                                     cert.prediction, targets, patch, budget, generator,
                                     lambda done: bar.update(task, advance=done))
-                for cond in CONDITIONS:
-                    frame[f"margin_{cond}_{patch}"] = cert.margin[cond][:, s].cpu().numpy()
                 for key, value in out.items():
                     if key != "counts_after":
                         frame[f"{key}_{patch}"] = value.cpu().numpy()
@@ -195,15 +193,6 @@ def _attack_votes(defense: VoteMapDefense, model: nn.Module, data: ImageData,
             offset += len(labels)
     return AttackResult(pd.concat(frames, ignore_index=True), violations, budget,
                         time.perf_counter() - start)
-
-
-def _clean_columns(offset: int, labels: Tensor, cert: Certificate) -> dict:
-    frame = {"index": range(offset, offset + len(labels)), "label": labels.cpu().numpy(),
-             "prediction": cert.prediction.cpu().numpy()}
-    counts = cert.counts.cpu().numpy()
-    for c in range(counts.shape[1]):
-        frame[f"votes_{c}"] = counts[:, c]
-    return frame
 
 
 def _violations(offset: int, patch: PatchShape, s: int, cert: Certificate,
@@ -380,9 +369,7 @@ def _attack_generic(defense: Defense, model: nn.Module, data: ImageData,
             images, labels = images.to(device), labels.to(device)
             with torch.no_grad():
                 cert = defense.certify(model, images, patches, conditions)
-            frame: dict = {"index": range(offset, offset + len(labels)),
-                           "label": labels.cpu().numpy(),
-                           **per_image.certificate_columns(cert, patches)}
+            frame = per_image.batch_columns(offset, labels, cert, patches)
             for s, patch in enumerate(patches):
                 prediction = cert.prediction_for(s)
                 certified = torch.stack([cert.certified[c][:, s] for c in conditions]).any(dim=0)

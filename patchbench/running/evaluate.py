@@ -19,7 +19,7 @@ from patchbench.defense import Defense, VoteMapDefense
 from patchbench.patches import PatchShape, check_fits
 from patchbench.running import per_image
 from patchbench.running.data import ImageData, batches
-from patchbench.running.per_image import certificate_columns
+from patchbench.running.per_image import batch_columns
 from patchbench.running.progress import progress_bar
 
 
@@ -120,9 +120,7 @@ def certify_split(defense: Defense, model: nn.Module, data: ImageData,
             synchronize(device)
             forward_s += t1 - t0
             core_s += time.perf_counter() - t1
-            frame = {"index": range(offset, offset + len(labels)), "label": labels.numpy(),
-                     **certificate_columns(cert, patches)}
-            frames.append(pd.DataFrame(frame))
+            frames.append(pd.DataFrame(batch_columns(offset, labels, cert, patches)))
             offset += len(labels)
             bar.update(task, advance=len(labels))
     table = pd.concat(frames, ignore_index=True)

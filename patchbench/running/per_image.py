@@ -13,9 +13,18 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from torch import Tensor
 
 from patchbench.certify import Certificate
 from patchbench.patches import PatchShape
+
+
+def batch_columns(offset: int, labels: Tensor, cert: Certificate,
+                  patches: Sequence[PatchShape]) -> dict[str, np.ndarray | range]:
+    """The table's columns for one batch of images (``offset`` = index of its first image):
+    what ``run`` writes and what ``attack`` adds its own columns to."""
+    return {"index": range(offset, offset + len(labels)), "label": labels.cpu().numpy(),
+            **certificate_columns(cert, patches)}
 
 
 def certificate_columns(cert: Certificate, patches: Sequence[PatchShape]) -> dict[str, np.ndarray]:

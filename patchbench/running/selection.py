@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from patchbench.certify import CONDITIONS
 from patchbench.running.results import ResultsError
 
 # what selecting needs of each row (besides the swept parameter's column)
@@ -62,6 +63,19 @@ def select_setting(rows: pd.DataFrame, params: str | Sequence[str], patch: str =
     table["eligible"] = eligible(table["clean"], clean_tolerance)
     first = table.loc[[best_candidate(table, clean_tolerance)]]  # an int stays an int
     return Selection(tuple(first[name].tolist()[0] for name in names), table)
+
+
+def selection_condition(rows: pd.DataFrame, defense: str, asked: str | None = None) -> str:
+    """The condition to select on: ``asked`` (the defense's rows must hold it), else the
+    defense's first (tight for vote maps, masking for PatchCleanser)."""
+    mine = rows.loc[rows["defense"] == defense, "condition"] if "condition" in rows else []
+    present = list(dict.fromkeys(pd.Series(mine).dropna()))
+    if asked is None:
+        return next((c for c in (*CONDITIONS, *present) if c in present), "tight")
+    if present and asked not in present:
+        raise ValueError(f"unknown condition {asked!r}; the rows of {defense} have "
+                         f"{', '.join(present)}")
+    return asked
 
 
 def eligible(clean: pd.Series, clean_tolerance: float = 0.01) -> pd.Series:

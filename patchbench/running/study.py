@@ -22,7 +22,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchbench.certify import CONDITIONS
 from patchbench.defense import get_defense
 from patchbench.patches import parse_patches
 from patchbench.reporting.claims import load_claims
@@ -39,7 +38,7 @@ from patchbench.running.checkpoint import CheckpointError, checkpoint_meta
 from patchbench.running.data import SplitCache, load_dataset
 from patchbench.running.evaluate import certify_split
 from patchbench.running.results import failure_path, is_finished, read_rows, rows_path
-from patchbench.running.selection import defense_rows, select_setting
+from patchbench.running.selection import defense_rows, select_setting, selection_condition
 from patchbench.running.study_file import (
     Attack,
     Bench,
@@ -225,11 +224,9 @@ class Runner:
         rows = pd.concat([read_rows(rows_path(folder, c)) for folder, c in cells],
                          ignore_index=True)
         defense = str(rows["defense"].iloc[0])
-        present = list(dict.fromkeys(rows["condition"].dropna()))
-        condition = spec.condition or next((c for c in (*CONDITIONS, *present)
-                                            if c in present), "tight")
         source = f"the val cells of {', '.join(spec.among)}"
         try:
+            condition = selection_condition(rows, defense, spec.condition)
             chosen = select_setting(defense_rows(rows, defense, source), list(spec.params),
                                     spec.patch, condition, spec.clean_tolerance, spec.where)
         except ValueError as err:
