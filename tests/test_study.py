@@ -8,6 +8,7 @@ certified on test and attacked, then the report; a second run computes nothing.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from patchbench.cli import cli
-from patchbench.running.study import run_study
+from patchbench.running.study import Options, run_study
 from patchbench.running.study_file import Chosen, StudyError, load_study
+from tests.test_sweep import TIMING
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "studies"
@@ -121,13 +123,16 @@ def test_a_small_study_runs_chooses_on_val_and_resumes_without_recomputing(tmp_p
 
 @pytest.mark.slow  # reads every committed cell
 def test_the_committed_study_is_done_cell_for_cell():
-    """Every committed certification and attack cell is one of the study file's, and the
-    dry run finds each of them done: the file reproduces the results without recomputing."""
+    """Every committed certification and attack cell and benchmark run is one of the study
+    file's, and the dry run finds each of them done: the file reproduces the results without
+    recomputing."""
     run = run_study(load_study(STUDIES / "fashion-mnist.toml"), dry_run=True)
     committed = {p.stem for p in (REPO / "results").rglob("rows/*.csv")
                  if "bench" not in p.parts and "loss-comparison" not in p.parts}
-    planned = {s.cell for s in run.states if s.cell}
+    planned = {s.cell for s in run.states if s.cell and s.kind != "bench"}
     assert planned == committed and len(committed) == 137
+    benches = {f"bench-{s.cell}" for s in run.states if s.kind == "bench"}
+    assert benches == {p.stem for p in (REPO / "results" / "bench" / "rows").glob("*.csv")}
     assert {s.state for s in run.states} == {"done", "chosen"}
     assert run.choices["bagcert-rf"] == {"rf": 9}
     assert run.choices["column-setting"] == {"ablation_size": 6, "threshold": 0.25}
@@ -145,7 +150,7 @@ def test_the_dry_run_command_lists_the_committed_study_as_done(tmp_path: Path):
     result = invoke("study", str(STUDIES / "fashion-mnist.toml"), "--dry-run",
                     "--results-dir", str(results))
     assert result.exit_code == 0, result.output
-    assert "151 entries: 137 done, 14 chosen" in result.output
+    assert "159 entries: 145 done, 14 chosen" in result.output
     assert sorted(p.relative_to(results) for p in results.rglob("*")) == before
 
 
@@ -237,3 +242,28 @@ def test_bench_steps_read_their_settings_and_per_defense_parameters():
 def test_a_bad_bench_step_is_refused_when_read(tmp_path: Path, text: str, message: str):
     with pytest.raises(StudyError, match=message):
         load_study(write(tmp_path, text))
+
+
+@pytest.mark.slow
+def test_a_study_certifies_on_ray_as_it_does_locally(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    """--backend ray sends the certify steps to Ray's joblib backend: the same cells, the
+    same choice on val, the same rows (timings aside) as the local run."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("PATCHBENCH_CACHE", str(tmp_path / "cache"))  # workers inherit it
+    study = load_study(write(tmp_path, SMALL.format(results=tmp_path / "local",
+                                                    reports=tmp_path / "reports")))
+    local = run_study(study, Options(device="cpu", show_progress=False))
+    monkeypatch.setattr(ray, "init", functools.partial(ray.init, num_cpus=2,
+                                                        include_dashboard=False))
+    remote = run_study(study, Options(results_dir=tmp_path / "ray", device="cpu",
+                                      backend="ray", n_jobs=2, show_progress=False))
+    assert not ray.is_initialized()
+    assert [(s.cell, s.state) for s in remote.states] == [(s.cell, s.state)
+                                                           for s in local.states]
+    assert remote.choices == local.choices
+    for state in (s for s in local.states if s.kind == "certify"):
+        folder = "validation/ds-column" if state.step == "candidates" else ""
+        rows = [pd.read_csv(tmp_path / run / folder / "rows" / f"{state.cell}.csv")
+                .drop(columns=TIMING) for run in ("local", "ray")]
+        pd.testing.assert_frame_equal(*rows)

@@ -49,7 +49,7 @@ neither set of hooks gets ``AttackUnsupportedError`` ("attack not supported by .
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -170,29 +170,39 @@ def _attack_votes(defense: VoteMapDefense, model: nn.Module, data: ImageData,
     footprints = [defense.footprints(p, image_hw) for p in patches]
     model = for_inference(model.to(device))  # the model exactly as `run` certifies with it
     generator = torch.Generator().manual_seed(budget.seed)
-    frames, violations, offset = [], [], 0
+    frames, violations = [], []
     start = time.perf_counter()
+    for offset, images, labels, advance in _image_batches(defense, data, patches, batch_size,
+                                                          device, show_progress):
+        with torch.no_grad():
+            votes = defense.votes(model, images)
+        cert = certify_votes(votes, footprints, CONDITIONS)
+        frame = per_image.batch_columns(offset, labels, cert, patches)
+        for s, patch in enumerate(patches):
+            targets = (cert.prediction == labels) | cert.certified["tight"][:, s]
+            out = _attack_shape(defense, model, images, votes, cert.counts, cert.prediction,
+                                targets, patch, budget, generator, advance)
+            for key, value in out.items():
+                if key != "counts_after":
+                    frame[f"{key}_{patch}"] = value.cpu().numpy()
+            violations += _violations(offset, patch, s, cert, out)
+        frames.append(pd.DataFrame(frame))
+    return AttackResult(pd.concat(frames, ignore_index=True), violations, budget,
+                        time.perf_counter() - start)
+
+
+def _image_batches(defense: Defense, data: ImageData, patches: Sequence[PatchShape],
+                   batch_size: int, device: torch.device, show_progress: bool
+                   ) -> Iterator[tuple[int, Tensor, Tensor, Callable[[int], None]]]:
+    """(offset, images, labels, advance) per batch, on ``device``, under one progress bar of
+    images x shapes (``advance(n)`` moves it): the loop both attack paths share."""
+    offset = 0
     with progress_bar(show_progress) as bar:
         task = bar.add_task(f"attack {defense.name}", total=len(data) * len(patches), status="")
         for images, labels in batches(data, batch_size, **loader_options(device)):
-            images, labels = images.to(device), labels.to(device)
-            with torch.no_grad():
-                votes = defense.votes(model, images)
-            cert = certify_votes(votes, footprints, CONDITIONS)
-            frame = per_image.batch_columns(offset, labels, cert, patches)
-            for s, patch in enumerate(patches):
-                targets = (cert.prediction == labels) | cert.certified["tight"][:, s]
-                out = _attack_shape(defense, model, images, votes, cert.counts,
-                                    cert.prediction, targets, patch, budget, generator,
-                                    lambda done: bar.update(task, advance=done))
-                for key, value in out.items():
-                    if key != "counts_after":
-                        frame[f"{key}_{patch}"] = value.cpu().numpy()
-                violations += _violations(offset, patch, s, cert, out)
-            frames.append(pd.DataFrame(frame))
+            yield (offset, images.to(device), labels.to(device),
+                   lambda done: bar.update(task, advance=done))
             offset += len(labels)
-    return AttackResult(pd.concat(frames, ignore_index=True), violations, budget,
-                        time.perf_counter() - start)
 
 
 def _violations(offset: int, patch: PatchShape, s: int, cert: Certificate,
@@ -361,39 +371,35 @@ def _attack_generic(defense: Defense, model: nn.Module, data: ImageData,
     conditions = tuple(defense.conditions)
     model = for_inference(model.to(device))  # the model exactly as `run` certifies with it
     generator = torch.Generator().manual_seed(budget.seed)
-    frames, violations, offset = [], [], 0
+    frames, violations = [], []
     start = time.perf_counter()
-    with progress_bar(show_progress) as bar:
-        task = bar.add_task(f"attack {defense.name}", total=len(data) * len(patches), status="")
-        for images, labels in batches(data, batch_size, **loader_options(device)):
-            images, labels = images.to(device), labels.to(device)
-            with torch.no_grad():
-                cert = defense.certify(model, images, patches, conditions)
-            frame = per_image.batch_columns(offset, labels, cert, patches)
-            for s, patch in enumerate(patches):
-                prediction = cert.prediction_for(s)
-                certified = torch.stack([cert.certified[c][:, s] for c in conditions]).any(dim=0)
-                targets = (prediction == labels) | certified
-                out = _attack_shape_generic(defense, model, images, prediction, targets, patch,
-                                            budget, generator,
-                                            lambda done: bar.update(task, advance=done))
-                for key, value in out.items():
-                    frame[f"{key}_{patch}"] = value.cpu().numpy()
-                for b in (out["broken"] & certified).nonzero().flatten().tolist():
-                    by = [c for c in conditions if cert.certified[c][b, s]]
-                    with_margin = [c for c in by if c in cert.margin]
-                    margin = cert.margin[with_margin[0]][b, s] if with_margin else None
-                    violations.append(Violation(
-                        index=offset + b, patch=patch, top=int(out["adv_top"][b]),
-                        left=int(out["adv_left"][b]), conditions=tuple(by),
-                        margin=None if margin is None else margin.item(),
-                        margin_condition=with_margin[0] if with_margin else None,
-                        prediction=int(prediction[b]),
-                        adv_prediction=int(out["adv_prediction"][b]),
-                        counts_before=(None if cert.counts is None else
-                                       tuple(cert.counts[b].tolist()))))
-            frames.append(pd.DataFrame(frame))
-            offset += len(labels)
+    for offset, images, labels, advance in _image_batches(defense, data, patches, batch_size,
+                                                          device, show_progress):
+        with torch.no_grad():
+            cert = defense.certify(model, images, patches, conditions)
+        frame = per_image.batch_columns(offset, labels, cert, patches)
+        for s, patch in enumerate(patches):
+            prediction = cert.prediction_for(s)
+            certified = torch.stack([cert.certified[c][:, s] for c in conditions]).any(dim=0)
+            targets = (prediction == labels) | certified
+            out = _attack_shape_generic(defense, model, images, prediction, targets, patch,
+                                        budget, generator, advance)
+            for key, value in out.items():
+                frame[f"{key}_{patch}"] = value.cpu().numpy()
+            for b in (out["broken"] & certified).nonzero().flatten().tolist():
+                by = [c for c in conditions if cert.certified[c][b, s]]
+                with_margin = [c for c in by if c in cert.margin]
+                margin = cert.margin[with_margin[0]][b, s] if with_margin else None
+                violations.append(Violation(
+                    index=offset + b, patch=patch, top=int(out["adv_top"][b]),
+                    left=int(out["adv_left"][b]), conditions=tuple(by),
+                    margin=None if margin is None else margin.item(),
+                    margin_condition=with_margin[0] if with_margin else None,
+                    prediction=int(prediction[b]),
+                    adv_prediction=int(out["adv_prediction"][b]),
+                    counts_before=(None if cert.counts is None else
+                                   tuple(cert.counts[b].tolist()))))
+        frames.append(pd.DataFrame(frame))
     return AttackResult(pd.concat(frames, ignore_index=True), violations, budget,
                         time.perf_counter() - start, conditions)
 

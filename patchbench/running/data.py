@@ -141,9 +141,10 @@ def load_dataset(name: str, split: str = "test", data_dir: str | Path | None = N
 
 
 class SplitCache:
-    """Evaluation splits loaded once per sweep (its cells certify the same split), and only
-    for that sweep: files changed between two sweeps of one process are read again. It pickles
-    empty, so a worker process loads its own copy instead of receiving one per cell."""
+    """Evaluation splits loaded once per sweep (its cells certify the same split), or once
+    per study run (its sweeps share one), and only for that: files changed between two sweeps
+    of one process are read again. It pickles empty, so a worker process loads its own copy
+    instead of receiving one per cell."""
 
     def __init__(self) -> None:
         self._splits: dict[tuple[str, str, str | None, bool], ImageData] = {}

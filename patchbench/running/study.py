@@ -165,7 +165,8 @@ class Runner:
                           backend=self.options.backend, n_jobs=self.options.n_jobs,
                           ray_address=self.options.ray_address,
                           show_progress=self.options.show_progress,
-                          allow_train=self.options.allow_train, **kwargs)
+                          allow_train=self.options.allow_train, splits=self.splits,
+                          **kwargs)
         cells = frame.drop_duplicates("cell")
         self.cells[step.name] = [(folder, c) for c in cells["cell"]]
         for row in cells.to_dict("records"):

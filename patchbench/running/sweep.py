@@ -156,7 +156,7 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
               checkpoint: str | Path | None = None, backend: str = "local",
               n_jobs: int | None = None, ray_address: str | None = None,
               show_progress: bool = True, precision: str = "fp32",
-              allow_train: bool = True) -> pd.DataFrame:
+              allow_train: bool = True, splits: SplitCache | None = None) -> pd.DataFrame:
     """Certify every model configuration of a grid, training the models that are missing.
 
     ``defenses``: registered names (a list, or a comma-separated string). ``params``: defense
@@ -168,7 +168,8 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
     backend on the cluster at ``ray_address``; by default Ray's own choice: ``RAY_ADDRESS``, a
     cluster started on this machine, or a new local instance). A model that is neither shipped
     nor cached is trained first, announced with its estimated time; with ``allow_train``
-    False it is a CheckpointError before any work instead.
+    False it is a CheckpointError before any work instead. ``splits``: the evaluation splits
+    to share with other sweeps (a study's); by default this sweep loads its own.
 
     Returns the rows of every cell (see README, "Results") plus ``status`` ("computed",
     "skipped" or "failed") and ``reason``; a failed cell has one row with its configuration.
@@ -178,7 +179,7 @@ def run_sweep(defenses: str | Sequence[str], patches: str | Sequence[str | Patch
         raise SweepError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}",
                          "--backend")
     device_text = check_device(device, backend)
-    splits = SplitCache()
+    splits = splits or SplitCache()
     cells = plan(defenses, patches, dataset, params or {}, split=split, n_images=n_images,
                  conditions=conditions, train=train or {}, checkpoint=checkpoint,
                  data_dir=data_dir, download=download, precision=precision, splits=splits)
