@@ -156,19 +156,19 @@ def attack_split(defense: Defense, model: nn.Module, data: ImageData,
     problem = defense.unsupported("attack")
     if problem is not None:
         raise AttackUnsupportedError(problem)
+    check_fits(list(patches), data.in_shape[1:])
+    device = torch.device(device)
+    model = for_inference(model.to(device))  # the model exactly as `run` certifies with it
     run = _attack_votes if isinstance(defense, VoteMapDefense) else _attack_generic
-    return run(defense, model, data, patches, budget, batch_size, torch.device(device),
-               show_progress)
+    return run(defense, model, data, patches, budget, batch_size, device, show_progress)
 
 
 def _attack_votes(defense: VoteMapDefense, model: nn.Module, data: ImageData,
                   patches: Sequence[PatchShape], budget: AttackBudget, batch_size: int,
                   device: torch.device, show_progress: bool) -> AttackResult:
-    """The vote-map attack: ``touched_cells`` and ``soft_votes`` (see module doc)."""
-    image_hw = data.in_shape[1:]
-    check_fits(list(patches), image_hw)
-    footprints = [defense.footprints(p, image_hw) for p in patches]
-    model = for_inference(model.to(device))  # the model exactly as `run` certifies with it
+    """The vote-map attack: ``touched_cells`` and ``soft_votes`` (see module doc); ``model``
+    as ``for_inference`` makes it."""
+    footprints = [defense.footprints(p, data.in_shape[1:]) for p in patches]
     generator = torch.Generator().manual_seed(budget.seed)
     frames, violations = [], []
     start = time.perf_counter()
@@ -366,10 +366,7 @@ def _attack_generic(defense: Defense, model: nn.Module, data: ImageData,
     ``attack_surrogate`` on the patch content, judge with ``defended_prediction``. Positions
     are the strided grid only (no margins to rank them by), those nearest the image centre
     first; ``worst_positions`` and ``chunk_cells`` do not apply."""
-    image_hw = data.in_shape[1:]
-    check_fits(list(patches), image_hw)
     conditions = tuple(defense.conditions)
-    model = for_inference(model.to(device))  # the model exactly as `run` certifies with it
     generator = torch.Generator().manual_seed(budget.seed)
     frames, violations = [], []
     start = time.perf_counter()
