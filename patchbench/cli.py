@@ -55,9 +55,16 @@ from patchbench.running.data import (
 )
 from patchbench.running.results import ResultsError, load_results
 from patchbench.running.selection import defense_rows, select_setting, selection_condition
-from patchbench.running.study_file import StudyError
+from patchbench.running.study import StudyRun, add_seconds
+from patchbench.running.study_file import Study, StudyError
 from patchbench.running.sweep import BACKENDS, SweepError, model_text, run_sweep
-from patchbench.running.train import TRAIN_PRECISIONS, TrainConfig, estimate_text, train_and_save
+from patchbench.running.train import (
+    TRAIN_PRECISIONS,
+    TrainConfig,
+    duration_text,
+    estimate_text,
+    train_and_save,
+)
 from patchbench.running.zoo import UnknownModelError, ZooModel, find_model
 
 # Errors a user can cause: shown as one line, never as a traceback.
@@ -451,13 +458,11 @@ def report_command(results_dir: Path, out_dir: Path, dataset: str | None, defens
                    gallery_images: int, readme: Path | None, study_file: Path | None) -> None:
     """Tables, figures and findings of a results folder: report.md, CSV and LaTeX."""
     from patchbench.running.study import study_report
-    from patchbench.running.study_file import ReportSpec, load_study
+    from patchbench.running.study_file import load_study
 
     if readme is not None:
         headline_block(readme)  # a README without the block fails before any work
-    extras = None
-    if study_file is not None:
-        extras = study_report(load_study(study_file).report or ReportSpec())
+    extras = study_report(load_study(study_file).report) if study_file else None
     click.echo(str(build_report(results_dir, out_dir, dataset, defense, gallery_images,
                                 extras)))
     if readme is not None:
@@ -517,25 +522,21 @@ def study_command(ctx: click.Context, study_file: Path, dry_run: bool, results_d
         ctx.exit(4)
 
 
-def show_study(spec, run, dry_run: bool) -> None:
+def show_study(spec: Study, run: StudyRun, dry_run: bool) -> None:
     """The study's cells, one row each, then a line of counts (and cost, on a dry run)."""
     table = Table("step", "kind", "cell", "configuration", "state",
                   *(["estimated"] if dry_run else []), title=spec.title)
     for state in run.states:
-        cost = "" if state.seconds is None else duration(state.seconds)
+        cost = "" if state.seconds is None else duration_text(state.seconds)
         table.add_row(state.step, state.kind, state.cell, state.label,
                       state.state + (f" ({state.note})" if state.note else ""),
                       *([cost] if dry_run else []))
     Console(width=None if sys.stdout.isatty() else 240).print(table)
     counts = ", ".join(f"{n} {state}" for state, n in run.counts().items())
-    left = sum(s.seconds for s in run.states if s.seconds is not None)
+    left = add_seconds(*(s.seconds for s in run.states))
     click.echo(f"{spec.path}: {len(run.states)} entries: {counts}"
-               + (f"; estimated {duration(left)} left" if dry_run and left else ""), err=True)
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else (
-        f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s")
+               + (f"; estimated {duration_text(left)} left" if dry_run and left else ""),
+               err=True)
 
 
 ATTACK_OPTIONS = {  # option name -> (AttackBudget field, type, help)

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from patchbench.cli import cli
+from patchbench.running.results import CERTIFIED, EMPIRICAL, metric_of
 from patchbench.running.study import Options, run_study
 from patchbench.running.study_file import Chosen, StudyError, load_study
 from tests.test_sweep import TIMING
@@ -106,10 +107,10 @@ def test_a_small_study_runs_chooses_on_val_and_resumes_without_recomputing(tmp_p
     assert selected.exit_code == 0, selected.output
     threshold = float(selected.output.strip().splitlines()[-1])
     rows = pd.concat(pd.read_csv(p) for p in (results / "rows").glob("*.csv"))
-    certified = rows[rows.get("metric", pd.Series("certified", index=rows.index))
-                     .fillna("certified") != "empirical"]
-    assert set(certified["param_threshold"]) == {threshold}  # the val choice, on test
-    assert set(rows["split"]) == {"test"} and "empirical" in set(rows["metric"].dropna())
+    metric = metric_of(rows)
+    assert set(metric) == {CERTIFIED, EMPIRICAL} and set(rows["split"]) == {"test"}
+    # the val choice, certified and attacked on test
+    assert set(rows["param_threshold"]) == {threshold}
     assert (reports / "report.md").is_file()
 
     stamps = {p: p.stat().st_mtime_ns for p in results.rglob("rows/*.csv")}

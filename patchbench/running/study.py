@@ -13,8 +13,9 @@ training steps, one certified batch).
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,12 @@ from patchbench.running.bench import (
 )
 from patchbench.running.bench import label as bench_label
 from patchbench.running.checkpoint import CheckpointError, checkpoint_meta
-from patchbench.running.data import SplitCache, load_dataset
+from patchbench.running.data import SplitCache
 from patchbench.running.evaluate import certify_split
 from patchbench.running.results import failure_path, is_finished, read_rows, rows_path
 from patchbench.running.selection import defense_rows, select_setting, selection_condition
 from patchbench.running.study_file import (
+    KINDS,
     Attack,
     Bench,
     Certify,
@@ -50,7 +52,7 @@ from patchbench.running.study_file import (
     Study,
     StudyError,
 )
-from patchbench.running.sweep import Cell, plan, run_sweep, untrained
+from patchbench.running.sweep import Cell, check_device, plan, run_sweep, untrained
 from patchbench.running.train import TrainConfig, estimate_seconds
 from patchbench.running.zoo import find_model
 
@@ -80,10 +82,10 @@ class CellState:
     """One line of a study's plan: a cell (or a step that cannot be planned yet)."""
 
     step: str
-    kind: str  # "certify", "select", "attack"
+    kind: str  # one of study_file.KINDS
     cell: str  # its id; "" while it waits
     label: str
-    state: str  # done, to certify, to train, to attack, failed earlier, chosen, waits for ...
+    state: str  # done, to certify, to train, to attack, to time, chosen, waits for ...
     seconds: float | None = None  # estimated cost of what is left (None: none or unknown)
     note: str = ""
 
@@ -115,11 +117,15 @@ class Runner:
         self.run = StudyRun([], {})
         self.cells: dict[str, list[tuple[Path, str]]] = {}  # certify step -> its cells
         self.splits = SplitCache()
-        self.device = resolve_device(options.device)
+
+    @functools.cached_property
+    def device(self) -> torch.device:
+        """Where attacks, benchmarks and cost estimates run: this machine, so the device
+        must exist here (certify steps on Ray resolve their own)."""
+        return torch.device(check_device(self.options.device, "local"))
 
     def walk(self) -> StudyRun:
-        order = {kind: i for i, kind in enumerate(("certify", "select", "attack", "bench"))}
-        pending = sorted(self.study.steps, key=lambda s: order[s.kind])
+        pending = sorted(self.study.steps, key=lambda s: KINDS.index(s.kind))
         handled: set[str] = set()  # steps whose cells (certify) or choice (select) are known
         while True:
             ready = [s for s in pending if s.spec.needs <= handled]
@@ -191,7 +197,7 @@ class Runner:
     def train_seconds(self, cell: Cell) -> float | None:
         try:
             defense = get_defense(cell.defense).from_params(cell.params)
-            data = load_dataset(cell.dataset, "train", self.options.data_dir)
+            data = self.splits.get(cell.dataset, "train", self.options.data_dir)
             return estimate_seconds(defense, data, TrainConfig(**cell.train), self.device)[0]
         except Exception:  # the cell itself will say what is wrong
             return None
@@ -357,22 +363,15 @@ def report_study(study: Study, options: Options) -> tuple[Path, Path | None]:
     return report, Path(spec.readme) if spec.readme else None
 
 
-def study_report(spec: ReportSpec) -> StudyReport:
-    """What the study adds to its report: the sweep table and the claims file, loaded."""
+def study_report(spec: ReportSpec | None) -> StudyReport:
+    """What the study adds to its report: the sweep table and the claims file, loaded (nothing
+    for a study without a [report])."""
+    if spec is None:
+        return StudyReport()
     return StudyReport(spec.sweep, load_claims(spec.claims) if spec.claims else None)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def add_seconds(*parts: float | None) -> float | None:
+    """The sum of the known parts; None when none is known."""
     known = [p for p in parts if p is not None]
     return sum(known) if known else None
-
-
-def total_seconds(states: Sequence[CellState]) -> float:
-    return sum(s.seconds for s in states if s.seconds is not None)
-

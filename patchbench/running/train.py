@@ -154,8 +154,15 @@ def estimate_text(defense: Defense, data: ImageData, config: TrainConfig,
     """"about 18 min (12,040 steps at 90 ms, measured on cpu)": what a run says before it
     trains."""
     seconds, steps, per_step = estimate_seconds(defense, data, config, device)
-    length = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-    return f"about {length} ({steps:,} steps at {1000 * per_step:.0f} ms, measured on {device})"
+    return (f"about {duration_text(seconds)} ({steps:,} steps at {1000 * per_step:.0f} ms, "
+            f"measured on {device})")
+
+
+def duration_text(seconds: float) -> str:
+    """"40 s", "18 min", "3.7 h": a duration as an estimate reads it."""
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def train_and_save(defense: Defense, data: ImageData, config: TrainConfig,
